@@ -1,0 +1,137 @@
+//! The messages themselves.
+
+use serde::{Deserialize, Serialize};
+
+/// What the host asks of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Opens a conversation; the agent answers with [`Response::Hello`].
+    Hello {
+        /// The highest protocol version the client speaks.
+        protocol: u32,
+        /// Free-form name of the client, for the agent's log.
+        client: String,
+    },
+    /// Liveness check; answered with [`Response::Pong`] carrying `nonce`.
+    Ping { nonce: u64 },
+    /// Asks for [`Response::State`].
+    GetState,
+    /// Sets the guest's wall clock (e.g. after host sleep).
+    SetClock {
+        /// Nanoseconds since the Unix epoch, UTC.
+        unix_nanos: u64,
+    },
+    /// Orderly shutdown: containers stopped, disks flushed, power off.
+    /// Answered with [`Response::Ok`] before the shutdown starts.
+    Shutdown,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello(AgentInfo),
+    Pong { nonce: u64 },
+    State(AgentState),
+    Ok,
+    Error { code: ErrorCode, message: String },
+}
+
+/// Who the agent is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The protocol version the agent will speak on this connection:
+    /// the lower of the client's and its own.
+    pub protocol: u32,
+    pub agent_version: String,
+    pub kernel_release: String,
+}
+
+/// Where the guest is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Mounting filesystems and preparing the data disk.
+    Booting,
+    /// containerd and dockerd are starting; `/_ping` has not answered yet.
+    StartingDocker,
+    /// dockerd answered `/_ping`.
+    Ready,
+    /// The agent will not start dockerd; see [`AgentState::error`].
+    Failed,
+    /// An orderly shutdown is under way.
+    ShuttingDown,
+}
+
+/// State of the data disk that holds Docker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataDiskState {
+    /// Not looked at yet.
+    Pending,
+    /// Formatted on this boot (it was blank).
+    Formatted,
+    /// Checked clean (or repaired) and mounted.
+    Mounted,
+    /// No data disk: Docker's state lives in memory and is lost at power off.
+    Missing,
+    /// Unusable and left untouched; dockerd is not started on it.
+    Refused,
+}
+
+/// A snapshot of the agent's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub phase: Phase,
+    pub uptime_ms: u64,
+    /// Guest uptime at which dockerd first answered `/_ping`.
+    pub docker_ready_uptime_ms: Option<u64>,
+    pub data_disk: DataDiskState,
+    /// Why the agent is in [`Phase::Failed`], if it is.
+    pub error: Option<String>,
+    /// How often each supervised daemon has been restarted.
+    #[serde(default)]
+    pub restarts: Vec<(String, u32)>,
+}
+
+/// Stable error codes, for programs; the message is for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame or its JSON was malformed; the connection is closed next.
+    BadRequest,
+    /// The client's protocol version is not one the agent speaks.
+    UnsupportedVersion,
+    /// The request was valid but carrying it out failed.
+    Failed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        assert_eq!(
+            serde_json::to_string(&Request::Hello {
+                protocol: 1,
+                client: "berth".into()
+            })
+            .unwrap(),
+            r#"{"type":"hello","protocol":1,"client":"berth"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::GetState).unwrap(),
+            r#"{"type":"get_state"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Error {
+                code: ErrorCode::BadRequest,
+                message: "x".into()
+            })
+            .unwrap(),
+            r#"{"type":"error","code":"bad_request","message":"x"}"#
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! berth-agent: PID 1 of Berth's guest. It mounts the filesystems, prepares
+//! the data disk, runs containerd and dockerd, serves the host over vsock and
+//! powers the guest off in order. See this crate's README.md.
+
+mod cmdline;
+mod console;
+mod control;
+mod daemons;
+mod datadisk;
+mod docker_api;
+mod init;
+mod process;
+mod reaper;
+mod selftest;
+mod shutdown;
+mod state;
+mod vsock;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_proto::{DataDiskState, Phase};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::daemons::Supervised;
+use crate::reaper::Reaper;
+use crate::state::{Shared, ShutdownCause};
+
+fn main() {
+    console::milestone("agent-start", &[("version", env!("CARGO_PKG_VERSION"))]);
+    if nix::unistd::getpid().as_raw() != 1 {
+        eprintln!("berth-agent: must run as PID 1 of the Berth guest (it mounts filesystems and powers the machine off)");
+        std::process::exit(2);
+    }
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_writer(std::io::stdout)
+        .init();
+    std::panic::set_hook(Box::new(|info| {
+        console::write_line(&format!("berth-agent: fatal panic {info}"));
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
+    match rt {
+        Ok(rt) => rt.block_on(agent()),
+        Err(e) => console::write_line(&format!("berth-agent: fatal cannot start the runtime: {e}")),
+    }
+    power_off();
+}
+
+/// Everything from mounts to shutdown. Returns when the guest may power off.
+async fn agent() {
+    let shared = Shared::new();
+    if let Err(e) = boot(shared.clone()).await {
+        console::write_line(&format!("berth-agent: error {e:#}"));
+        shared.update(|s| {
+            s.phase = Phase::Failed;
+            s.error = Some(format!("{e:#}"));
+        });
+        console::milestone("failed", &[]);
+        // A self-test boot has nobody to ask for the shutdown.
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if cmdline::parse(&cmdline).selftest.is_some() {
+            shared.request_shutdown(ShutdownCause::SelfTest);
+        }
+    }
+    let cause = shared.shutdown_requested().await;
+    tracing::info!("shutting down ({cause:?})");
+    shutdown::run(&shared).await;
+}
+
+async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
+    init::mount_early().context("mounting kernel filesystems")?;
+    // Ctrl-alt-del becomes SIGINT to PID 1 instead of an instant reboot.
+    nix::sys::reboot::set_cad_enabled(false).context("disabling ctrl-alt-del reboot")?;
+    let reaper = Reaper::start().context("starting the child reaper")?;
+    watch_signals(shared.clone())?;
+    let settings = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let kernel = init::kernel_release();
+    vsock::start(shared.clone(), kernel.clone());
+    init::set_hostname(&settings.hostname)?;
+    let lo = tokio::spawn({
+        let reaper = reaper.clone();
+        async move { process::run(&reaper, "ip", &["link", "set", "lo", "up"]).await }
+    });
+    init::setup_cgroups().context("setting up cgroup v2")?;
+    daemons::write_configs().context("writing daemon configuration")?;
+
+    let disk = match datadisk::prepare(&reaper, &settings.data_disk).await {
+        Ok(state) => state,
+        Err(e) => {
+            shared.update(|s| s.data_disk = DataDiskState::Refused);
+            console::milestone("data-disk", &[("state", "refused")]);
+            return Err(e).context("data disk unusable; dockerd will not start on it");
+        }
+    };
+    shared.update(|s| s.data_disk = disk);
+    console::milestone("data-disk", &[("state", disk_word(disk))]);
+
+    shared.update(|s| s.phase = Phase::StartingDocker);
+    let agent_start = console::uptime_ms();
+    // dockerd waits for containerd's socket by itself, so both start now.
+    shared.add_daemon(Supervised::start(
+        reaper.clone(),
+        daemons::containerd_spec(),
+    ));
+    shared.add_daemon(Supervised::start(reaper.clone(), daemons::dockerd_spec()));
+    match lo.await {
+        Ok(Ok(out)) if out.exit.success() => {}
+        Ok(Ok(out)) => tracing::warn!("bringing up lo failed ({}): {}", out.exit, out.text.trim()),
+        Ok(Err(e)) => tracing::warn!("bringing up lo failed: {e}"),
+        Err(e) => tracing::warn!("bringing up lo failed: {e}"),
+    }
+    wait_docker_ready(&shared).await;
+    let now = console::uptime_ms();
+    shared.update(|s| {
+        s.phase = Phase::Ready;
+        s.docker_ready_uptime_ms = Some(now);
+    });
+    console::milestone(
+        "docker-ready",
+        &[("since_daemons_ms", &(now - agent_start).to_string())],
+    );
+
+    if let Some(t) = settings.selftest {
+        tokio::spawn(async move {
+            if let Err(e) = selftest::run(&t).await {
+                console::write_line(&format!("berth-agent: selftest-failed {e}"));
+            }
+            shared.request_shutdown(ShutdownCause::SelfTest);
+        });
+    }
+    Ok(())
+}
+
+/// Polls `/_ping` until dockerd answers or a shutdown begins.
+async fn wait_docker_ready(shared: &Shared) {
+    loop {
+        if shared.phase() == Phase::ShuttingDown {
+            return;
+        }
+        if std::path::Path::new(daemons::DOCKER_SOCKET).exists()
+            && docker_api::ping(daemons::DOCKER_SOCKET).await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// SIGTERM and SIGINT (ctrl-alt-del) ask for an orderly shutdown.
+fn watch_signals(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    tokio::spawn(async move {
+        loop {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT (ctrl-alt-del)",
+            };
+            tracing::info!("{which}: starting an orderly shutdown");
+            shared.request_shutdown(ShutdownCause::Signal);
+        }
+    });
+    Ok(())
+}
+
+fn disk_word(d: DataDiskState) -> &'static str {
+    match d {
+        DataDiskState::Pending => "pending",
+        DataDiskState::Formatted => "formatted",
+        DataDiskState::Mounted => "mounted",
+        DataDiskState::Missing => "missing",
+        DataDiskState::Refused => "refused",
+    }
+}
+
+/// Ends the VM. Without ACPI a power-off would only halt the CPU, so the
+/// agent resets instead: with `reboot=k` that goes through the i8042, which
+/// both berth-vmm and QEMU (`-no-reboot`) treat as the end of the VM.
+fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // reboot(2) only returns on failure; PID 1 must not exit.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,87 @@
+//! Child reaping for PID 1.
+//!
+//! Every process whose parent dies is re-parented to the agent, so the agent
+//! must reap with `waitpid(-1)`. That would steal exit statuses from any
+//! other waiter, so all children the agent starts go through [`Reaper::spawn`]
+//! and learn their exit from it; exits of orphans are simply collected.
+
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    pub fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "signal {s}"),
+        }
+    }
+}
+
+/// Collects exit statuses and hands them to whoever spawned the child.
+#[derive(Debug, Default)]
+pub struct Reaper {
+    waiting: Mutex<HashMap<i32, oneshot::Sender<Exit>>>,
+}
+
+impl Reaper {
+    /// Starts reaping on SIGCHLD. Must run before any child is spawned.
+    pub fn start() -> std::io::Result<Arc<Reaper>> {
+        let reaper = Arc::new(Reaper::default());
+        let mut sigchld = signal(SignalKind::child())?;
+        let r = reaper.clone();
+        tokio::spawn(async move {
+            loop {
+                r.reap_all();
+                if sigchld.recv().await.is_none() {
+                    break;
+                }
+            }
+        });
+        Ok(reaper)
+    }
+
+    /// Spawns `cmd` and returns it with a receiver for its exit. The lock is
+    /// held across spawn and registration, so the child cannot be reaped
+    /// before its waiter is known.
+    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<(Child, oneshot::Receiver<Exit>)> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let child = cmd.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        waiting.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+
+    fn reap_all(&self) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            };
+            if let Some(tx) = waiting.remove(&pid.as_raw()) {
+                let _ = tx.send(exit);
+            }
+        }
+    }
+}
