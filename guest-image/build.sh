@@ -50,7 +50,7 @@ mkdir -p "$STAGE"/var/lib/{berth,docker,containerd} "$STAGE/etc/docker" \
 IMG=$OUT_DIR/rootfs.$FORMAT
 rm -f "$OUT_DIR"/rootfs.* "$IMG.tmp"
 case "$FORMAT" in
-    erofs) mkfs.erofs -q -T0 -U 6b657274-6869-6d61-6765-000000000001 "$IMG.tmp" "$STAGE" >/dev/null ;;
+    erofs) mkfs.erofs --quiet -T0 -U 6b657274-6869-6d61-6765-000000000001 "$IMG.tmp" "$STAGE" >/dev/null ;;
     squashfs) mksquashfs "$STAGE" "$IMG.tmp" -quiet -noappend -comp zstd -Xcompression-level 3 -all-time 0 -no-progress >/dev/null ;;
     ext4)
         size_mb=$(( $(du -sm "$STAGE" | cut -f1) * 115 / 100 + 32 ))

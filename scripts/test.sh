@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Quick start, step 2: the whole test suite (what CI runs). Installs what it
+# needs, checks formatting and lints, builds the guest image (cached), and
+# runs every test, end-to-end boots included.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+ensure_host_packages
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --quiet --all-targets -- -D warnings
+say "guest image"
+IMAGE_DIR=$(guest-image/build.sh)
+say "cargo test (end-to-end tests boot the guest under QEMU)"
+export BERTH_GUEST_IMAGE_DIR=$IMAGE_DIR
+export BERTH_E2E_REQUIRED=${BERTH_E2E_REQUIRED:-1}
+cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.log
