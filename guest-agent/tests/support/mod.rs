@@ -107,6 +107,10 @@ impl Guest {
             "-serial",
             "stdio",
             "-no-reboot",
+            // microvm has no keyboard controller by default; the host sends
+            // ctrl-alt-del through this one.
+            "-device",
+            "i8042",
             "-monitor",
         ])
         .arg(format!("unix:{},server=on,wait=off", monitor.display()))
