@@ -63,17 +63,24 @@ async fn accept_failed(port: u32, e: std::io::Error) {
 /// Joins one connection to dockerd's socket both ways until both sides
 /// have closed; EOF on one direction is passed on as a write shutdown, so
 /// half-closed streams (`docker run -i` with stdin at EOF) keep working.
-pub async fn forward_to_docker<S>(mut stream: S, shared: Arc<Shared>)
+pub async fn forward_to_docker<S>(stream: S, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if !wait_ready(&shared).await {
+    forward(stream, &shared, DOCKER_SOCKET).await
+}
+
+async fn forward<S>(mut stream: S, shared: &Shared, socket: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !wait_ready(shared).await {
         return;
     }
-    let mut docker = match UnixStream::connect(DOCKER_SOCKET).await {
+    let mut docker = match UnixStream::connect(socket).await {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!("cannot reach {DOCKER_SOCKET}: {e}");
+            tracing::warn!("cannot reach {socket}: {e}");
             return;
         }
     };
@@ -93,4 +100,53 @@ async fn wait_ready(shared: &Shared) -> bool {
     tokio::time::timeout(READY_WAIT, ready)
         .await
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The client half-closes after its request; the server only answers
+    /// once it has seen that EOF, so the answer arriving proves the EOF
+    /// was passed on while the other direction stayed open.
+    #[tokio::test]
+    async fn half_close_is_passed_on_both_ways() {
+        let dir = std::env::temp_dir().join(format!("berth-fwd-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("docker.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(format!("seen {} bytes", got.len()).as_bytes())
+                .await
+                .unwrap();
+        });
+        let shared = Shared::new();
+        shared.update(|s| s.phase = Phase::Ready);
+        let (mut client, agent_side) = tokio::io::duplex(1024);
+        let p = path.to_str().unwrap().to_owned();
+        let fwd = tokio::spawn(async move { forward(agent_side, &shared, &p).await });
+        client.write_all(&[7u8; 5000]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert_eq!(answer, "seen 5000 bytes");
+        server.await.unwrap();
+        fwd.await.unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn connections_are_closed_when_docker_will_not_start() {
+        let shared = Shared::new();
+        shared.update(|s| s.phase = Phase::Failed);
+        let (mut client, agent_side) = tokio::io::duplex(64);
+        forward(agent_side, &shared, "/nonexistent.sock").await;
+        let mut buf = Vec::new();
+        assert_eq!(client.read_to_end(&mut buf).await.unwrap(), 0);
+    }
 }

@@ -30,8 +30,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 #[ignore = "benchmark: run with --ignored"]
 fn boot_to_docker_ready() {
-    let Some(dir) = support::require_image() else { return };
-    let runs: usize = std::env::var("BERTH_BOOT_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let Some(dir) = support::require_image() else {
+        return;
+    };
+    let runs: usize = std::env::var("BERTH_BOOT_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let scratch = Scratch::new("boot-bench");
     let data = scratch.0.join("data.img");
     support::sparse_disk(&data, 8 << 30);
@@ -50,7 +55,11 @@ fn boot_to_docker_ready() {
         let (r, w) = g.wait_for("berth-agent: docker-ready", timeout);
         g.monitor("sendkey ctrl-alt-delete");
         assert_eq!(g.wait_exit(timeout), 0);
-        let label = if i == 0 { "cold (formats the disk)" } else { "warm" };
+        let label = if i == 0 {
+            "cold (formats the disk)"
+        } else {
+            "warm"
+        };
         println!(
             "boot {i} {label:>24}: agent-start {:>6} ms  docker-ready {:>6} ms guest uptime  {:>5.1} s host wall",
             uptime_of(&a),

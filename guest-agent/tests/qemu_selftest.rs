@@ -26,14 +26,19 @@ fn assert_in_order(console: &[String], needles: &[&str]) {
     for n in needles {
         match console[at..].iter().position(|l| l.contains(n)) {
             Some(i) => at += i + 1,
-            None => panic!("{n:?} missing (or out of order) on the console:\n{}", console.join("\n")),
+            None => panic!(
+                "{n:?} missing (or out of order) on the console:\n{}",
+                console.join("\n")
+            ),
         }
     }
 }
 
 #[test]
 fn guest_image_under_qemu() {
-    let Some(dir) = support::require_image() else { return };
+    let Some(dir) = support::require_image() else {
+        return;
+    };
     let scratch = Scratch::new("qemu-selftest");
     let work = &scratch.0;
     let data = work.join("data.img");
@@ -58,7 +63,11 @@ fn guest_image_under_qemu() {
         uptime_of(&ready),
         wall.as_secs_f64()
     );
-    assert_eq!(g.wait_exit(BOOT), 0, "QEMU should exit 0 after the guest's reset");
+    assert_eq!(
+        g.wait_exit(BOOT),
+        0,
+        "QEMU should exit 0 after the guest's reset"
+    );
     let console = g.console();
     assert_in_order(
         &console,
@@ -73,18 +82,38 @@ fn guest_image_under_qemu() {
         ],
     );
     // Both daemons start (in either order) after the disk and before ready.
-    for daemon in ["berth-agent: containerd-started", "berth-agent: dockerd-started"] {
-        assert_in_order(&console, &["berth-agent: data-disk uptime_ms", daemon, "berth-agent: docker-ready"]);
+    for daemon in [
+        "berth-agent: containerd-started",
+        "berth-agent: dockerd-started",
+    ] {
+        assert_in_order(
+            &console,
+            &[
+                "berth-agent: data-disk uptime_ms",
+                daemon,
+                "berth-agent: docker-ready",
+            ],
+        );
     }
-    assert!(console.iter().any(|l| l.contains("data-disk") && l.contains("state=formatted")));
-    assert!(console.iter().any(|l| l.contains("selftest-image") && l.contains("present=false")));
-    assert!(console.iter().any(|l| l.contains("selftest-done") && l.contains("exit_code=0")));
+    assert!(console
+        .iter()
+        .any(|l| l.contains("data-disk") && l.contains("state=formatted")));
+    assert!(console
+        .iter()
+        .any(|l| l.contains("selftest-image") && l.contains("present=false")));
+    assert!(console
+        .iter()
+        .any(|l| l.contains("selftest-done") && l.contains("exit_code=0")));
     assert_in_order(&console, SHUTDOWN_MILESTONES);
     assert!(!console.iter().any(|l| l.contains("selftest-failed")));
     assert!(!console.iter().any(|l| l.contains("Kernel panic")));
     // The disk stayed sparse: far less allocated than its 8 GiB size.
-    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&data).unwrap()) * 512;
-    eprintln!("data disk after boot 1: {} MiB allocated of 8192", allocated >> 20);
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&data).unwrap()) * 512;
+    eprintln!(
+        "data disk after boot 1: {} MiB allocated of 8192",
+        allocated >> 20
+    );
     assert!(allocated < 1 << 30);
 
     // Boot 2: same data disk, no tar: the image is still there.
@@ -98,11 +127,18 @@ fn guest_image_under_qemu() {
     });
     assert_eq!(g.wait_exit(BOOT), 0);
     let console = g.console();
-    assert!(console.iter().any(|l| l.contains("data-disk") && l.contains("state=mounted")));
-    assert!(console.iter().any(|l| l.contains("selftest-image") && l.contains("present=true")));
+    assert!(console
+        .iter()
+        .any(|l| l.contains("data-disk") && l.contains("state=mounted")));
+    assert!(console
+        .iter()
+        .any(|l| l.contains("selftest-image") && l.contains("present=true")));
     assert_in_order(
         &console,
-        &["berth-agent: selftest-output berth-selftest-ok", "berth-agent: selftest-done"],
+        &[
+            "berth-agent: selftest-output berth-selftest-ok",
+            "berth-agent: selftest-done",
+        ],
     );
     assert_in_order(&console, SHUTDOWN_MILESTONES);
 
@@ -116,7 +152,10 @@ fn guest_image_under_qemu() {
         name: "boot3",
     });
     g.wait_for("berth-agent: docker-ready", BOOT);
-    assert!(!g.console().iter().any(|l| l.contains("selftest")), "self-test must be inert unless asked");
+    assert!(
+        !g.console().iter().any(|l| l.contains("selftest")),
+        "self-test must be inert unless asked"
+    );
     g.monitor("sendkey ctrl-alt-delete");
     assert_eq!(g.wait_exit(BOOT), 0);
     let console = g.console();
@@ -141,8 +180,14 @@ fn guest_image_under_qemu() {
     });
     assert_eq!(g.wait_exit(BOOT), 0);
     let console = g.console();
-    assert!(console.iter().any(|l| l.contains("data-disk") && l.contains("state=refused")));
+    assert!(console
+        .iter()
+        .any(|l| l.contains("data-disk") && l.contains("state=refused")));
     assert!(console.iter().any(|l| l.contains("refusing to format it")));
     assert!(!console.iter().any(|l| l.contains("dockerd-started")));
-    assert_eq!(std::fs::read(&foreign).unwrap(), bytes, "a refused disk must be left untouched");
+    assert_eq!(
+        std::fs::read(&foreign).unwrap(),
+        bytes,
+        "a refused disk must be left untouched"
+    );
 }

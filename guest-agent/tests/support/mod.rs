@@ -26,9 +26,16 @@ pub fn require_image() -> Option<PathBuf> {
     let dir = image_dir();
     let mut missing = Vec::new();
     if !dir.join("manifest.json").exists() {
-        missing.push(format!("guest image at {} (run guest-image/build.sh)", dir.display()));
+        missing.push(format!(
+            "guest image at {} (run guest-image/build.sh)",
+            dir.display()
+        ));
     }
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         missing.push("qemu-system-x86_64 (apt-get install qemu-system-x86)".into());
     }
     if missing.is_empty() {
@@ -127,9 +134,12 @@ impl Guest {
                 path.display(),
                 if *ro { "on" } else { "off" }
             ));
-            cmd.arg("-device").arg(format!("virtio-blk-device,drive=d{i}"));
+            cmd.arg("-device")
+                .arg(format!("virtio-blk-device,drive=d{i}"));
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let started = Instant::now();
         let mut child = cmd.spawn().expect("starting qemu-system-x86_64");
         let stdout = child.stdout.take().unwrap();
@@ -148,7 +158,14 @@ impl Guest {
                 }
             }
         });
-        Guest { child, lines, rx, started, monitor, console_log }
+        Guest {
+            child,
+            lines,
+            rx,
+            started,
+            monitor,
+            console_log,
+        }
     }
 
     /// Waits for a console line containing `needle`; returns it and the
@@ -179,7 +196,10 @@ impl Guest {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("QEMU did not exit within {timeout:?}; console:\n{}", self.tail(60));
+                panic!(
+                    "QEMU did not exit within {timeout:?}; console:\n{}",
+                    self.tail(60)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
