@@ -1,0 +1,3 @@
+//! virtio devices.
+
+pub mod vsock;

@@ -1,0 +1,173 @@
+//! virtio-vsock with the host side in userspace.
+//!
+//! Host convention (Firecracker's): the host side of the device is a unix
+//! socket, `uds_path`. A host process connects to it, writes
+//! `CONNECT <port>\n`, reads `OK <host-port>\n` and then has a byte stream to
+//! guest port `<port>`. A guest connection to host port `P` is joined to a
+//! new connection to the unix socket `<uds_path>_P`.
+//!
+//! Flow control is virtio-vsock's credit scheme: each side advertises its
+//! receive buffer (`buf_alloc`) and how much it has consumed (`fwd_cnt`), and
+//! never sends more than the peer has room for. We read from a host socket
+//! only into a buffer the guest has posted and only as much as the guest has
+//! credit for, and we buffer guest data for a host socket only up to the
+//! `buf_alloc` we advertised, so memory stays bounded however slow either
+//! side is.
+
+mod conn;
+mod muxer;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::GuestMemoryMmap;
+
+pub use muxer::Metrics;
+use muxer::Muxer;
+
+/// The host's CID, fixed by the virtio spec.
+pub const HOST_CID: u64 = 2;
+/// Queue indices.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+pub const NUM_QUEUES: usize = 3;
+/// Largest payload in one packet, either way.
+pub const MAX_PKT_DATA: u32 = 64 * 1024;
+/// Receive buffer each connection advertises to the guest.
+pub const CONN_BUF: u32 = 256 * 1024;
+/// Connections open at once, beyond which new ones are refused.
+pub const MAX_CONNS: usize = 4096;
+
+pub(crate) const TYPE_STREAM: u16 = 1;
+pub(crate) const SHUTDOWN_RCV: u32 = 1;
+pub(crate) const SHUTDOWN_SEND: u32 = 2;
+
+/// Packet operations.
+pub(crate) mod op {
+    pub const REQUEST: u16 = 1;
+    pub const RESPONSE: u16 = 2;
+    pub const RST: u16 = 3;
+    pub const SHUTDOWN: u16 = 4;
+    pub const RW: u16 = 5;
+    pub const CREDIT_UPDATE: u16 = 6;
+    pub const CREDIT_REQUEST: u16 = 7;
+}
+
+/// The guest memory type the device works on.
+pub type Mem = GuestMemoryMmap;
+
+/// Failure to set the device up. Nothing the guest does produces one.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("cannot create the epoll instance: {0}")]
+    Epoll(std::io::Error),
+    #[error("guest CID {0} is reserved (use 3 or more)")]
+    Cid(u64),
+}
+
+/// The vsock device's logic.
+#[derive(Debug)]
+pub struct Vsock {
+    muxer: Muxer,
+}
+
+impl Vsock {
+    /// Listens on `uds_path` (replacing a stale socket file there).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
+        if guest_cid < 3 || guest_cid > u32::MAX as u64 {
+            return Err(VsockError::Cid(guest_cid));
+        }
+        Ok(Vsock {
+            muxer: Muxer::new(guest_cid, uds_path)?,
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.muxer.guest_cid
+    }
+
+    /// The device config space: `le64 guest_cid`.
+    pub fn config(&self) -> [u8; 8] {
+        self.muxer.guest_cid.to_le_bytes()
+    }
+
+    /// A file descriptor that becomes readable when host sockets need
+    /// attention; the transport polls it and then calls
+    /// [`Vsock::handle_host_events`] and [`Vsock::process_rx`].
+    pub fn host_fd(&self) -> RawFd {
+        self.muxer.epoll.as_raw_fd()
+    }
+
+    /// Takes every packet the guest queued on the TX queue. Returns whether
+    /// any descriptor was used (the guest should be notified).
+    pub fn process_tx(&mut self, queue: &mut Queue, mem: &Mem) -> bool {
+        let mut used = false;
+        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => self.muxer.guest_packet(&pkt),
+                Err(e) => self
+                    .muxer
+                    .bad_packet(&format!("malformed TX descriptor chain: {e}")),
+            }
+            if queue.add_used(mem, head, 0).is_err() {
+                self.muxer.bad_packet("TX used ring is not writable");
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// Fills guest RX buffers with whatever the host side has for the guest.
+    /// Returns whether any descriptor was used.
+    pub fn process_rx(&mut self, queue: &mut Queue, mem: &Mem) -> bool {
+        let mut used = false;
+        while self.muxer.has_rx_work() {
+            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => pkt,
+                Err(e) => {
+                    self.muxer
+                        .bad_packet(&format!("malformed RX descriptor chain: {e}"));
+                    let _ = queue.add_used(mem, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
+            match self.muxer.fill_rx(&mut pkt) {
+                Some(len) => {
+                    if queue.add_used(mem, head, len).is_err() {
+                        self.muxer.bad_packet("RX used ring is not writable");
+                        break;
+                    }
+                    used = true;
+                }
+                // Nothing to send after all (a socket had no data): give the
+                // buffer back to the available ring.
+                None => queue.go_to_previous_position(),
+            }
+        }
+        used
+    }
+
+    /// Accepts host connections and notes readable and writable sockets.
+    pub fn handle_host_events(&mut self) {
+        self.muxer.handle_host_events();
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.muxer.metrics()
+    }
+}
+
+#[cfg(test)]
+mod tests;
