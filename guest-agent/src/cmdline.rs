@@ -11,6 +11,8 @@ pub struct Settings {
     pub hostname: String,
     /// Self-test mode (`berth.selftest=`), off unless asked for.
     pub selftest: Option<SelfTest>,
+    /// Serve the byte echo port (`berth.echo=1`), for transport tests.
+    pub echo: bool,
 }
 
 /// `berth.selftest=<device>|none`: once Docker is ready, make sure the test
@@ -27,6 +29,7 @@ impl Default for Settings {
             data_disk: PathBuf::from("/dev/vdb"),
             hostname: "berth".to_owned(),
             selftest: None,
+            echo: false,
         }
     }
 }
@@ -42,6 +45,7 @@ pub fn parse(cmdline: &str) -> Settings {
         match key {
             "berth.data" if value.starts_with("/dev/") => s.data_disk = PathBuf::from(value),
             "berth.hostname" if valid_hostname(value) => s.hostname = value.to_owned(),
+            "berth.echo" => s.echo = value == "1",
             "berth.selftest" if value == "none" => s.selftest = Some(SelfTest { image_tar: None }),
             "berth.selftest" if value.starts_with("/dev/") => {
                 s.selftest = Some(SelfTest {

@@ -26,9 +26,19 @@ pub fn milestone_line(name: &str, uptime_ms: u64, fields: &[(&str, &str)]) -> St
     line
 }
 
-/// Prints one machine-readable milestone line on the console.
+/// Prints one machine-readable milestone line on the console and passes
+/// it on to the host's events listener (see [`crate::events`]).
 pub fn milestone(name: &str, fields: &[(&str, &str)]) {
-    write_line(&milestone_line(name, uptime_ms(), fields));
+    let uptime = uptime_ms();
+    write_line(&milestone_line(name, uptime, fields));
+    crate::events::publish(berth_proto::Event {
+        name: name.to_owned(),
+        uptime_ms: uptime,
+        fields: fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    });
 }
 
 /// Writes one whole line to the console. Lines from different tasks never

@@ -8,6 +8,7 @@ mod control;
 mod daemons;
 mod datadisk;
 mod docker_api;
+mod events;
 mod init;
 mod process;
 mod reaper;
@@ -82,7 +83,8 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
     watch_signals(shared.clone())?;
     let settings = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let kernel = init::kernel_release();
-    vsock::start(shared.clone(), kernel.clone());
+    events::start();
+    vsock::start(shared.clone(), kernel.clone(), settings.echo);
     init::set_hostname(&settings.hostname)?;
     let lo = tokio::spawn({
         let reaper = reaper.clone();

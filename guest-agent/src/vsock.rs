@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_proto::{Phase, CONTROL_PORT, DOCKER_PORT};
+use berth_proto::{Phase, CONTROL_PORT, DOCKER_PORT, ECHO_PORT};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
@@ -16,7 +16,10 @@ const READY_WAIT: Duration = Duration::from_secs(120);
 
 /// Binds both ports and serves them in the background. Without a vsock
 /// device (e.g. a console-only self-test boot) this logs and returns.
-pub fn start(shared: Arc<Shared>, kernel_release: String) {
+pub fn start(shared: Arc<Shared>, kernel_release: String, echo: bool) {
+    if echo {
+        start_echo();
+    }
     match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, CONTROL_PORT)) {
         Ok(listener) => {
             let shared = shared.clone();
@@ -51,6 +54,29 @@ pub fn start(shared: Arc<Shared>, kernel_release: String) {
             });
         }
         Err(e) => tracing::warn!("vsock Docker port {DOCKER_PORT} unavailable: {e}"),
+    }
+}
+
+/// The echo port: every byte read is written back; EOF is passed on.
+fn start_echo() {
+    match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, ECHO_PORT)) {
+        Ok(listener) => {
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            tokio::spawn(async move {
+                                let (mut r, mut w) = tokio::io::split(stream);
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                            });
+                        }
+                        Err(e) => accept_failed(ECHO_PORT, e).await,
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!("vsock echo port {ECHO_PORT} unavailable: {e}"),
     }
 }
 

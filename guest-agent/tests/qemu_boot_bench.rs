@@ -11,11 +11,9 @@
 //! share of the boot and serves as the reference the agent's part is read
 //! against.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{uptime_of, Boot, Guest, Scratch};
+use berth_testkit::{uptime_of, Boot, Guest, Scratch};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -30,7 +28,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 #[ignore = "benchmark: run with --ignored"]
 fn boot_to_docker_ready() {
-    let Some(dir) = support::require_image() else {
+    let Some(dir) = berth_testkit::require_image() else {
         return;
     };
     let runs: usize = std::env::var("BERTH_BOOT_RUNS")
@@ -39,7 +37,7 @@ fn boot_to_docker_ready() {
         .unwrap_or(5);
     let scratch = Scratch::new("boot-bench");
     let data = scratch.0.join("data.img");
-    support::sparse_disk(&data, 8 << 30);
+    berth_testkit::sparse_disk(&data, 8 << 30);
     let timeout = Duration::from_secs(300);
     let (mut agent, mut ready, mut wall) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=runs {
@@ -50,6 +48,7 @@ fn boot_to_docker_ready() {
             extra_disk: None,
             extra_cmdline: "",
             name: &format!("bench{i}"),
+            vhost_user_vsock: None,
         });
         let (a, _) = g.wait_for("berth-agent: agent-start", timeout);
         let (r, w) = g.wait_for("berth-agent: docker-ready", timeout);

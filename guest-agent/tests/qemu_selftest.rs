@@ -6,11 +6,9 @@
 //!
 //! One test function so the boots run one after another (2 cores).
 
-mod support;
-
 use std::time::Duration;
 
-use support::{uptime_of, Boot, Guest, Scratch};
+use berth_testkit::{uptime_of, Boot, Guest, Scratch};
 
 const BOOT: Duration = Duration::from_secs(300);
 const SHUTDOWN_MILESTONES: &[&str] = &[
@@ -36,14 +34,14 @@ fn assert_in_order(console: &[String], needles: &[&str]) {
 
 #[test]
 fn guest_image_under_qemu() {
-    let Some(dir) = support::require_image() else {
+    let Some(dir) = berth_testkit::require_image() else {
         return;
     };
     let scratch = Scratch::new("qemu-selftest");
     let work = &scratch.0;
     let data = work.join("data.img");
-    support::sparse_disk(&data, 8 << 30);
-    let tar = support::busybox_rootfs_tar(work);
+    berth_testkit::sparse_disk(&data, 8 << 30);
+    let tar = berth_testkit::busybox_rootfs_tar(work);
 
     // Boot 1: blank disk → formatted; image imported from the tar disk; a
     // container runs; orderly power-off ends QEMU by itself.
@@ -54,6 +52,7 @@ fn guest_image_under_qemu() {
         extra_disk: Some(&tar),
         extra_cmdline: "berth.selftest=/dev/vdc",
         name: "boot1",
+        vhost_user_vsock: None,
     });
     let (start, _) = g.wait_for("berth-agent: agent-start", BOOT);
     let (ready, wall) = g.wait_for("berth-agent: docker-ready", BOOT);
@@ -124,6 +123,7 @@ fn guest_image_under_qemu() {
         extra_disk: None,
         extra_cmdline: "berth.selftest=none",
         name: "boot2",
+        vhost_user_vsock: None,
     });
     assert_eq!(g.wait_exit(BOOT), 0);
     let console = g.console();
@@ -150,6 +150,7 @@ fn guest_image_under_qemu() {
         extra_disk: None,
         extra_cmdline: "",
         name: "boot3",
+        vhost_user_vsock: None,
     });
     g.wait_for("berth-agent: docker-ready", BOOT);
     assert!(
@@ -177,6 +178,7 @@ fn guest_image_under_qemu() {
         extra_disk: None,
         extra_cmdline: "berth.selftest=none",
         name: "boot4",
+        vhost_user_vsock: None,
     });
     assert_eq!(g.wait_exit(BOOT), 0);
     let console = g.console();

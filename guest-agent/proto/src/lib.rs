@@ -17,7 +17,9 @@ mod message;
 pub use frame::{decode_body, decode_len, encode_frame, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
 pub use frame::{read_frame, write_frame};
-pub use message::{AgentInfo, AgentState, DataDiskState, ErrorCode, Phase, Request, Response};
+pub use message::{
+    AgentInfo, AgentState, DataDiskState, ErrorCode, Event, Phase, Request, Response,
+};
 
 /// Version of the messages in [`message`]. Bumped on any incompatible change;
 /// additive fields with serde defaults do not bump it.
@@ -28,6 +30,14 @@ pub const CONTROL_PORT: u32 = 1024;
 
 /// vsock port whose connections the agent joins to `/var/run/docker.sock`.
 pub const DOCKER_PORT: u32 = 2375;
+
+/// Host vsock port the agent connects to, if something listens there, to
+/// push [`Event`] frames (boot milestones) as they happen.
+pub const EVENTS_PORT: u32 = 1025;
+
+/// vsock port of a byte echo service, only with `berth.echo=1` on the
+/// kernel command line (transport tests and benchmarks).
+pub const ECHO_PORT: u32 = 1099;
 
 /// The CID a guest always has from the host's point of view in Berth VMs.
 pub const GUEST_CID: u32 = 3;

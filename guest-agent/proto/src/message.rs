@@ -95,6 +95,16 @@ pub struct AgentState {
     pub restarts: Vec<(String, u32)>,
 }
 
+/// A milestone pushed by the agent to the host's [`crate::EVENTS_PORT`]
+/// listener, the same as its `berth-agent: <name> uptime_ms=…` console line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub name: String,
+    pub uptime_ms: u64,
+    #[serde(default)]
+    pub fields: Vec<(String, String)>,
+}
+
 /// Stable error codes, for programs; the message is for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -426,9 +426,8 @@ impl Muxer {
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         if set.contains(EventSet::OUT) || set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
-            if conn.flush_host().is_err() {
-                conn.owed.rst = true;
-            } else if conn.peer_shut != 0 && conn.settle_shutdown() {
+            let failed = conn.flush_host().is_err();
+            if failed || (conn.peer_shut != 0 && conn.settle_shutdown()) {
                 conn.owed.rst = true;
             }
         }

@@ -4,8 +4,6 @@
 //! Where either is missing the tests print a loud SKIPPED line, unless
 //! `BERTH_E2E_REQUIRED=1` (set by the CI script) turns that into a failure.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,6 +68,7 @@ fn accel() -> &'static str {
 }
 
 /// A guest booted under QEMU, its console captured line by line.
+#[derive(Debug)]
 pub struct Guest {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -80,6 +79,7 @@ pub struct Guest {
 }
 
 /// What to attach to a boot.
+#[derive(Debug)]
 pub struct Boot<'a> {
     pub dir: &'a Path,
     pub work: &'a Path,
@@ -87,6 +87,8 @@ pub struct Boot<'a> {
     pub extra_disk: Option<&'a Path>,
     pub extra_cmdline: &'a str,
     pub name: &'a str,
+    /// A vhost-user vsock backend's socket to attach (guest CID 3).
+    pub vhost_user_vsock: Option<&'a Path>,
 }
 
 impl Guest {
@@ -125,6 +127,18 @@ impl Guest {
         .arg(b.dir.join("vmlinux"))
         .arg("-append")
         .arg(format!("{cmdline} {}", b.extra_cmdline));
+        if let Some(sock) = b.vhost_user_vsock {
+            // vhost-user needs the guest's memory shared with the backend.
+            cmd.args([
+                "-object",
+                "memory-backend-memfd,id=mem,size=1024M,share=on",
+                "-machine",
+                "memory-backend=mem",
+            ]);
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=vsock0,path={}", sock.display()));
+            cmd.args(["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+        }
         let mut disks = vec![(b.dir.join(&rootfs), true)];
         disks.extend(b.data_disk.map(|d| (d.to_owned(), false)));
         disks.extend(b.extra_disk.map(|d| (d.to_owned(), true)));
@@ -270,6 +284,7 @@ pub fn sparse_disk(path: &Path, size: u64) {
 }
 
 /// A scratch directory that is removed at the end of the test.
+#[derive(Debug)]
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {

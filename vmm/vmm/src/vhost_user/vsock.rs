@@ -1,0 +1,215 @@
+//! vhost-user-vsock: the vsock device of `berth-devices` behind the
+//! vhost-user protocol. QEMU owns the event queue; we serve RX and TX.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use berth_devices::virtio::vsock::{Metrics, Vsock, NUM_QUEUES};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Device event numbers as `handle_event` sees them: the thread's vrings
+/// (RX, TX) come first; `NUM_QUEUES` is the library's exit event.
+const RX_EVENT: u16 = 0;
+const TX_EVENT: u16 = 1;
+const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
+const QUEUE_SIZE: usize = 1024;
+
+/// Why the vhost-user vsock backend stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserVsockError {
+    #[error(transparent)]
+    Device(#[from] berth_devices::virtio::vsock::VsockError),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("cannot watch the host sockets: {0}")]
+    Register(std::io::Error),
+}
+
+/// The backend state behind the vhost-user handler.
+pub struct VsockBackend {
+    dev: Vsock,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    event_idx: bool,
+    exit: (EventConsumer, EventNotifier),
+}
+
+impl std::fmt::Debug for VsockBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockBackend")
+            .field("dev", &self.dev)
+            .field("event_idx", &self.event_idx)
+            .finish()
+    }
+}
+
+impl VsockBackend {
+    fn new(
+        guest_cid: u64,
+        uds: &Path,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Result<Self, VhostUserVsockError> {
+        Ok(VsockBackend {
+            dev: Vsock::new(guest_cid, uds)?,
+            mem,
+            event_idx: false,
+            exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+                .map_err(VhostUserVsockError::EventFd)?,
+        })
+    }
+
+    /// Runs `work` on one queue, then notifies the guest if needed. Never
+    /// holds the vring lock while signalling. With EVENT_IDX, buffers the
+    /// guest added while we worked produce no new kick, so the work is
+    /// repeated until none arrived; `work` on TX consumes every buffer,
+    /// but on RX it leaves buffers it has nothing for, so RX only repeats
+    /// after it used some.
+    fn run_queue(
+        &mut self,
+        vring: &VringRwLock,
+        work: fn(&mut Vsock, &mut Queue, &GuestMemoryMmap) -> bool,
+        consumes_all: bool,
+    ) {
+        let mem = self.mem.memory();
+        loop {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            if !queue.ready() {
+                return;
+            }
+            if self.event_idx {
+                let _ = queue.disable_notification(&*mem);
+            }
+            let used = work(&mut self.dev, queue, &mem);
+            let more = self.event_idx && queue.enable_notification(&*mem).unwrap_or(false);
+            let notify =
+                used && (!self.event_idx || queue.needs_notification(&*mem).unwrap_or(true));
+            drop(state);
+            if notify {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::warn!("vsock: cannot notify the guest: {e}");
+                }
+            }
+            if !more || !(used || consumes_all) {
+                return;
+            }
+        }
+    }
+}
+
+impl VhostUserBackendMut for VsockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        self.mem = mem;
+        Ok(())
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.dev.config();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(config.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(config.len());
+        out[..end - start].copy_from_slice(&config[start..end]);
+        out
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // RX and TX on one thread; the event queue stays with QEMU.
+        vec![0b11]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        let [rx, tx] = vrings else {
+            return Ok(());
+        };
+        match device_event {
+            TX_EVENT => self.run_queue(tx, Vsock::process_tx, true),
+            HOST_EVENT => self.dev.handle_host_events(),
+            RX_EVENT => {}
+            other => tracing::debug!("vsock: unexpected event {other}"),
+        }
+        // Whatever happened may have produced packets for the guest, and a
+        // RX kick means the guest posted buffers for pending ones.
+        self.run_queue(rx, Vsock::process_rx, false);
+        Ok(())
+    }
+}
+
+/// Serves one VMM connection on `socket` with the host side on `uds`.
+/// Returns the device's counters when the VMM disconnects.
+pub fn serve(socket: &Path, uds: &Path, guest_cid: u64) -> Result<Metrics, VhostUserVsockError> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(RwLock::new(VsockBackend::new(guest_cid, uds, mem.clone())?));
+    let host_fd = backend
+        .read()
+        .map_err(|_| VhostUserVsockError::Daemon("lock poisoned".into()))?
+        .dev
+        .host_fd();
+    let mut daemon = VhostUserDaemon::new("berth-vsock".into(), backend.clone(), mem)
+        .map_err(|e| VhostUserVsockError::Daemon(e.to_string()))?;
+    let handlers = daemon.get_epoll_handlers();
+    let handler = handlers
+        .first()
+        .ok_or_else(|| VhostUserVsockError::Daemon("no worker thread".into()))?;
+    handler
+        .register_listener(host_fd, EventSet::IN, HOST_EVENT as u64)
+        .map_err(VhostUserVsockError::Register)?;
+    tracing::info!(
+        "vhost-user vsock: waiting for the VMM on {}",
+        socket.display()
+    );
+    let served = daemon.serve(socket);
+    let metrics = backend.read().map(|b| b.dev.metrics()).unwrap_or_default();
+    served.map_err(|e| VhostUserVsockError::Daemon(e.to_string()))?;
+    Ok(metrics)
+}
