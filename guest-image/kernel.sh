@@ -11,10 +11,25 @@ ensure_packages linux-source build-essential bc flex bison libelf-dev libssl-dev
 SRC_TAR=$(ls /usr/src/linux-source-*.tar.xz 2>/dev/null | sort -V | tail -n1)
 [ -n "$SRC_TAR" ] || die "linux-source is installed but /usr/src has no linux-source-*.tar.xz"
 SRC_VER=$(dpkg-query -W -f='${Version}' "$(dpkg-query -S "$SRC_TAR" | cut -d: -f1)")
-FRAGMENT=$GI_DIR/kernel/x86_64.fragment
+# BERTH_KERNEL_VARIANT=pvm-test adds kernel/pvm-test/{fragment,*.patch}.
+VARIANT=${BERTH_KERNEL_VARIANT:-}
+FRAGMENTS=("$GI_DIR/kernel/x86_64.fragment")
 PATCHES=$(ls "$GI_DIR"/kernel/*.patch 2>/dev/null || true)
-KEY=$(inputs_key "$SRC_VER" "$FRAGMENT" $PATCHES "$0")
+if [ -n "$VARIANT" ]; then
+    [ -f "$GI_DIR/kernel/$VARIANT/fragment" ] || die "no kernel variant '$VARIANT' in $GI_DIR/kernel"
+    FRAGMENTS+=("$GI_DIR/kernel/$VARIANT/fragment")
+    PATCHES="$PATCHES $(ls "$GI_DIR/kernel/$VARIANT"/*.patch 2>/dev/null || true)"
+fi
+KEY=$(inputs_key "$SRC_VER" "${FRAGMENTS[@]}" $PATCHES "$0")
 DEST=$CACHE_DIR/kernel/$KEY
+
+# The fragments in effect: for an option set twice, the later line wins.
+effective_fragment() {
+    cat "${FRAGMENTS[@]}" | awk '
+        /^CONFIG_[A-Za-z0-9_]+=/ { n=$0; sub(/=.*/, "", n); last[n]=$0; order[++k]=n; next }
+        /^# CONFIG_[A-Za-z0-9_]+ is not set/ { n=$2; last[n]=$0; order[++k]=n; next }
+        END { for (i=1; i<=k; i++) if (!(order[i] in done)) { done[order[i]]=1; print last[order[i]] } }'
+}
 
 # Checks that every line of the fragment is in effect in the resolved config.
 check_config() {
@@ -53,11 +68,12 @@ build() {
     [ -n "$PATCHES" ] || tree=$src
     local b=$CACHE_DIR/kernel/build-$KEY
     mkdir -p "$b"
+    effective_fragment > "$b/fragment"
     cat "$tree/kernel/configs/tiny-base.config" "$tree/kernel/configs/tiny.config" \
-        "$tree/arch/x86/configs/tiny.config" "$FRAGMENT" > "$b/allno.config"
-    make -s -C "$tree" O="$b" KCONFIG_ALLCONFIG="$b/allno.config" allnoconfig >/dev/null
-    if ! check_config "$FRAGMENT" "$b/.config"; then
-        die "Kconfig resolved the lines above differently from $FRAGMENT; add their dependencies"
+        "$tree/arch/x86/configs/tiny.config" "$b/fragment" > "$b/allno.config"
+    make -s -C "$tree" O="$b" KCONFIG_ALLCONFIG="$b/allno.config" allnoconfig >/dev/null 2>&1
+    if ! check_config "$b/fragment" "$b/.config"; then
+        die "Kconfig resolved the lines above differently from ${FRAGMENTS[*]}; add their dependencies"
     fi
     log "compiling the kernel with $(nproc) jobs (about 10 minutes on 2 cores)"
     local t0=$SECONDS
