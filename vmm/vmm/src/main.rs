@@ -1,7 +1,7 @@
 //! berth-vmm: Berth's virtual machine monitor, and its device backends for
 //! external VMMs.
 
-mod vhost_user;
+use berth_vmm::vhost_user;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
