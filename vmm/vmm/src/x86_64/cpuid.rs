@@ -19,12 +19,10 @@ pub fn for_vcpu(supported: &[CpuidEntry], id: u8, cpus: u8) -> Vec<CpuidEntry> {
                         e.edx |= 1 << 28;
                     }
                 }
-                4 => {
-                    // Cores per package in eax[31:26]; threads sharing the
-                    // cache in eax[25:14] left as the host said.
-                    if e.eax & 0x1f != 0 {
-                        e.eax = (e.eax & 0x03ff_ffff) | ((cpus as u32 - 1) << 26);
-                    }
+                // Cores per package in eax[31:26] of each cache leaf; threads
+                // sharing the cache in eax[25:14] left as the host said.
+                4 if e.eax & 0x1f != 0 => {
+                    e.eax = (e.eax & 0x03ff_ffff) | ((cpus as u32 - 1) << 26);
                 }
                 0xb => {
                     e.edx = id as u32;
