@@ -1,0 +1,64 @@
+//! What every virtio device offers its transport.
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Raises the device's interrupt line (the transport has already set the
+/// interrupt status the driver reads).
+pub trait InterruptLine: Send + Sync {
+    fn trigger(&self);
+}
+
+/// Signals the driver that a queue has used buffers.
+#[derive(Clone)]
+pub struct QueueInterrupt {
+    line: Arc<dyn InterruptLine>,
+    status: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// Interrupt status bits.
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+impl QueueInterrupt {
+    pub fn new(
+        line: Arc<dyn InterruptLine>,
+        status: Arc<std::sync::atomic::AtomicU32>,
+    ) -> QueueInterrupt {
+        QueueInterrupt { line, status }
+    }
+
+    pub fn signal_used(&self) {
+        self.status
+            .fetch_or(INT_USED_RING, std::sync::atomic::Ordering::SeqCst);
+        self.line.trigger();
+    }
+}
+
+impl std::fmt::Debug for QueueInterrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueInterrupt")
+    }
+}
+
+/// A virtio device: features, config space, activation and its queues'
+/// work. No transport, event-loop or hypervisor type appears here.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (2 = block, 4 = entropy, 19 = vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`).
+    fn ack_features(&mut self, features: u64);
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: take the queues and start.
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: QueueInterrupt);
+    /// The driver notified queue `index`.
+    fn queue_notify(&mut self, index: u16);
+    /// The driver reset the device: drop the queues.
+    fn reset(&mut self);
+}

@@ -1,0 +1,251 @@
+//! The virtio-mmio transport, version 2: registers only. The device's logic
+//! sits behind [`VirtioDevice`].
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::device::{InterruptLine, QueueInterrupt, VirtioDevice};
+use crate::ratelimit::LogLimiter;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4854_5242; // "BRTH"
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_FAILED: u32 = 0x80;
+
+/// One virtio-mmio device window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    line: Arc<dyn InterruptLine>,
+    interrupt_status: Arc<AtomicU32>,
+    queues: Vec<Queue>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+    bad_access: LogLimiter,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        line: Arc<dyn InterruptLine>,
+    ) -> MmioTransport {
+        let queues = Self::fresh_queues(device.as_ref());
+        MmioTransport {
+            device,
+            mem,
+            line,
+            interrupt_status: Arc::new(AtomicU32::new(0)),
+            queues,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+            bad_access: LogLimiter::default(),
+        }
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&max| Queue::new(max).ok())
+            .collect()
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn bad(&mut self, what: &str, offset: u64) {
+        if self.bad_access.hit() {
+            tracing::warn!(
+                "virtio-mmio: {what} at offset {offset:#x} ({} so far)",
+                self.bad_access.count()
+            );
+        }
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        if data.len() != 4 {
+            self.bad("register read not 4 bytes wide", offset);
+            data.fill(0);
+            return;
+        }
+        let v: u32 = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR,
+            0x010 => {
+                let f = self.device.features();
+                match self.device_features_select {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x034 => self.queue().map_or(0, |q| q.max_size() as u32),
+            0x044 => self.queue().map_or(0, |q| q.ready() as u32),
+            0x060 => self.interrupt_status.load(Ordering::SeqCst),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => {
+                self.bad("read of an unknown register", offset);
+                0
+            }
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A guest write at `offset` in the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            if self.status & STATUS_DRIVER_OK != 0 && !self.activated {
+                return;
+            }
+            self.device.write_config(offset - 0x100, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.bad("register write not 4 bytes wide", offset);
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        // Queue registers may only change before the queue is ready and
+        // the device is live.
+        let queue_setup_allowed = |t: &MmioTransport| {
+            t.status & STATUS_FEATURES_OK != 0 && t.status & STATUS_DRIVER_OK == 0
+        };
+        match offset {
+            0x014 => self.device_features_select = v,
+            0x020 => {
+                if self.status & STATUS_FEATURES_OK == 0 {
+                    match self.driver_features_select {
+                        0 => {
+                            self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            0x024 => self.driver_features_select = v,
+            0x030 => self.queue_select = v,
+            0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
+                if !queue_setup_allowed(self) {
+                    self.bad("queue set up outside FEATURES_OK", offset);
+                    return;
+                }
+                let Some(q) = self.queue() else { return };
+                match offset {
+                    0x038 => q.set_size(v as u16),
+                    0x044 => q.set_ready(v == 1),
+                    0x080 => q.set_desc_table_address(Some(v), None),
+                    0x084 => q.set_desc_table_address(None, Some(v)),
+                    0x090 => q.set_avail_ring_address(Some(v), None),
+                    0x094 => q.set_avail_ring_address(None, Some(v)),
+                    0x0a0 => q.set_used_ring_address(Some(v), None),
+                    _ => q.set_used_ring_address(None, Some(v)),
+                }
+            }
+            0x050 => {
+                if self.activated {
+                    self.device.queue_notify(v as u16);
+                }
+            }
+            0x064 => {
+                self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
+            }
+            0x070 => self.set_status(v),
+            _ => self.bad("write to an unknown register", offset),
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let added = v & !self.status;
+        // FEATURES_OK only sticks if the driver accepted nothing we don't offer.
+        if added & STATUS_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0 {
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
+            self.device.ack_features(self.driver_features);
+        }
+        self.status = v;
+        if added & STATUS_DRIVER_OK != 0 && !self.activated {
+            let needed = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+            let valid = self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
+            if v & needed != needed || !valid || v & STATUS_FAILED != 0 {
+                self.bad("DRIVER_OK with invalid queues or features", 0x70);
+                self.status |= STATUS_FAILED;
+                return;
+            }
+            let mut queues = std::mem::take(&mut self.queues);
+            for q in &mut queues {
+                q.set_event_idx(
+                    self.driver_features
+                        & (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+                        != 0,
+                );
+            }
+            let interrupt = QueueInterrupt::new(self.line.clone(), self.interrupt_status.clone());
+            self.device.activate(self.mem.clone(), queues, interrupt);
+            self.activated = true;
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
+        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+}
