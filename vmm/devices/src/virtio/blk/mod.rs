@@ -81,7 +81,7 @@ impl Block {
             .metadata()
             .map_err(|e| BlockError::Open(shown.clone(), e))?
             .len();
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::Size(shown, len));
         }
         let sectors = len / SECTOR_SIZE;

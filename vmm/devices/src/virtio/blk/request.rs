@@ -113,7 +113,7 @@ fn run(
         let end = sector
             .checked_add(len.div_ceil(SECTOR_SIZE))
             .ok_or(RequestError::OutOfRange)?;
-        if end > sectors || len % SECTOR_SIZE != 0 {
+        if end > sectors || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::OutOfRange);
         }
         Ok(sector * SECTOR_SIZE)
@@ -177,7 +177,7 @@ fn run(
             let segs = reader.available_bytes() / 16;
             if segs == 0
                 || segs > MAX_DISCARD_SEGMENTS as usize
-                || reader.available_bytes() % 16 != 0
+                || !reader.available_bytes().is_multiple_of(16)
             {
                 return Err(RequestError::Chain);
             }
