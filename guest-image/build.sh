@@ -19,7 +19,16 @@ CMDLINE="console=ttyS0 reboot=k panic=-1 root=/dev/vda ro rootfstype=$FORMAT ini
 T0=$SECONDS
 ensure_packages erofs-utils squashfs-tools e2fsprogs python3 git
 KERNEL=$("$GI_DIR/kernel.sh")
+# The kvm_pvm variant, only for berth-vmm's boot test (see kernel/pvm-test/).
+TEST_KERNEL=$(BERTH_KERNEL_VARIANT=pvm-test "$GI_DIR/kernel.sh")
 ROOTFS=$("$GI_DIR/rootfs.sh")
+# Kernel build trees (1.5 GB each) are only needed until their cache entry
+# is complete.
+for b in "$CACHE_DIR"/kernel/build-* "$CACHE_DIR"/kernel/tree-*; do
+    [ -d "$b" ] || continue
+    key=${b##*-}
+    [ -f "$CACHE_DIR/kernel/$key/.done" ] && rm -rf "$b"
+done
 
 log "building the agent (static, release)"
 TARGET=x86_64-unknown-linux-gnu
@@ -63,6 +72,8 @@ rm -rf "$STAGE"
 cp "$KERNEL/vmlinux" "$OUT_DIR/vmlinux.tmp" && mv "$OUT_DIR/vmlinux.tmp" "$OUT_DIR/vmlinux"
 cp "$KERNEL/bzImage" "$OUT_DIR/bzImage.tmp" && mv "$OUT_DIR/bzImage.tmp" "$OUT_DIR/bzImage"
 cp "$KERNEL/config" "$OUT_DIR/kernel.config"
+mkdir -p "$OUT_DIR/test"
+cp "$TEST_KERNEL/vmlinux" "$OUT_DIR/test/vmlinux-pvm-test.tmp" && mv "$OUT_DIR/test/vmlinux-pvm-test.tmp" "$OUT_DIR/test/vmlinux-pvm-test"
 
 # moby's own verdict on the kernel configuration.
 bash "$ROOTFS/check-config.sh" "$OUT_DIR/kernel.config" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' > "$OUT_DIR/check-config.txt" || true

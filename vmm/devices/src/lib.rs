@@ -3,5 +3,6 @@
 //! the same code serves `berth-vmm`'s virtio-mmio transport and the
 //! vhost-user transport that QEMU attaches to.
 
+pub mod legacy;
 pub mod ratelimit;
 pub mod virtio;

@@ -138,6 +138,9 @@ pub trait Vcpu: Send {
     fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
     /// LAPIC LINT0 as ExtINT and LINT1 as NMI, as firmware leaves them.
     fn setup_lapic(&self) -> Result<()>;
+    /// Guest-physical address of guest-virtual `gva` in the vCPU's current
+    /// address space, if mapped.
+    fn translate(&self, gva: u64) -> Result<Option<u64>>;
     /// Runs until a control exit, serving device accesses with `io`.
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit>;
     /// A handle that makes a running (or the next) `run` return

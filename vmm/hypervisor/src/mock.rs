@@ -154,6 +154,10 @@ impl crate::Vcpu for MockVcpu {
         Ok(())
     }
 
+    fn translate(&self, gva: u64) -> Result<Option<u64>> {
+        Ok(Some(gva))
+    }
+
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
         loop {
             if self.kicked.swap(false, Ordering::SeqCst) {

@@ -1,11 +1,18 @@
 //! berth-vmm: Berth's virtual machine monitor, and its device backends for
 //! external VMMs.
 
-use berth_vmm::vhost_user;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use berth_hypervisor::Hypervisor;
+use std::sync::{Arc, Mutex};
+
+use berth_vmm::api;
+use berth_vmm::config::VmConfig;
+use berth_vmm::vhost_user;
+use berth_vmm::vm::{self, ExitReason};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -17,9 +24,53 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Boot a VM.
+    Run(RunArgs),
+    /// Say whether this host's hypervisor can run a stock Linux guest.
+    Probe,
     /// Serve a Berth device to an external VMM (QEMU) over vhost-user.
     #[command(name = "vhost-user", subcommand)]
     VhostUser(VhostUserDevice),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Kernel: an ELF vmlinux with a PVH note (preferred) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Read-only root disk image (the guest's /dev/vda).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Read-write data disk image (the guest's /dev/vdb).
+    #[arg(long)]
+    data_disk: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u64,
+    /// Write the guest console here.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Also copy the guest console to stdout.
+    #[arg(long)]
+    console_stdout: bool,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    cmdline: String,
+    /// More kernel command line words.
+    #[arg(long, default_value = "")]
+    extra_cmdline: String,
+    /// Serve the control API (HTTP + JSON) on this unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Seconds a graceful shutdown (SIGTERM) may take before the VM is stopped.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Boot even where the probe says a stock Linux can't run (for kernels
+    /// made for this host, like the kvm_pvm test kernel).
+    #[arg(long)]
+    ignore_probe: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +90,12 @@ enum VhostUserDevice {
     },
 }
 
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(true, Ordering::SeqCst);
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -48,20 +105,115 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::VhostUser(VhostUserDevice::Vsock {
-            socket,
-            uds,
-            guest_cid,
-        }) => vhost_user::vsock::serve(&socket, &uds, guest_cid).map(|m| {
-            tracing::info!("vhost-user vsock: VMM disconnected; {m:?}");
-        }),
+    match cli.command {
+        Command::VhostUser(VhostUserDevice::Vsock { socket, uds, guest_cid }) => {
+            match vhost_user::vsock::serve(&socket, &uds, guest_cid) {
+                Ok(m) => {
+                    tracing::info!("vhost-user vsock: VMM disconnected; {m:?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        Command::Probe => match berth_hypervisor::Platform::new() {
+            Ok(h) => {
+                let p = h.probe();
+                println!("{}: {}", if p.can_run_linux { "yes" } else { "no" }, p.reason);
+                if p.can_run_linux { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            }
+            Err(e) => fail(&format!("{e}. Check that /dev/kvm exists and that you may open it (e.g. add yourself to the kvm group).")),
+        },
+        Command::Run(args) => run(args),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("berth-vmm: {msg}");
+    ExitCode::FAILURE
+}
+
+fn run(a: RunArgs) -> ExitCode {
+    let cfg = VmConfig {
+        kernel: a.kernel,
+        rootfs: a.rootfs,
+        data_disk: a.data_disk,
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        console_log: a.console_log,
+        console_stdout: a.console_stdout,
+        cmdline: format!("{} {}", a.cmdline, a.extra_cmdline),
+        api_socket: a.api_socket.clone(),
+        ignore_probe: a.ignore_probe,
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("berth-vmm: {e}");
-            ExitCode::FAILURE
+    if let Err(e) = cfg.validate() {
+        return fail(&e.to_string());
+    }
+    let hv = match berth_hypervisor::Platform::new() {
+        Ok(h) => h,
+        Err(e) => return fail(&format!("{e}. Check that /dev/kvm exists and that you may open it (e.g. add yourself to the kvm group).")),
+    };
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_terminate) {
+            tracing::warn!("cannot handle signal {sig}: {e}");
         }
     }
+    let running = match vm::start(&hv, &cfg) {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let shutdown_requested = Arc::new(Mutex::new(None::<Instant>));
+    if let Some(path) = &cfg.api_socket {
+        let state = api::ApiState {
+            devices: running.devices.clone(),
+            started: Instant::now(),
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            shutdown_requested: shutdown_requested.clone(),
+        };
+        if let Err(e) = api::spawn(path, state) {
+            running.stop();
+            return fail(&format!(
+                "cannot serve the control API on {}: {e}",
+                path.display()
+            ));
+        }
+    }
+    let grace = Duration::from_secs(a.shutdown_timeout);
+    let reason = loop {
+        match running.exits.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break ExitReason::Error("all vCPUs ended".into())
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let mut requested = shutdown_requested.lock().unwrap_or_else(|e| e.into_inner());
+        if TERMINATE.swap(false, Ordering::SeqCst) && requested.is_none() {
+            tracing::info!("shutting down: ctrl-alt-del sent to the guest");
+            running.devices.ctrl_alt_del();
+            *requested = Some(Instant::now());
+        }
+        if requested.is_some_and(|t| t.elapsed() > grace) {
+            tracing::warn!(
+                "the guest did not power off within {} s; stopping it",
+                a.shutdown_timeout
+            );
+            break ExitReason::PowerOff;
+        }
+    };
+    let reason = if reason == ExitReason::PowerOff && running.devices.guest_panicked() {
+        ExitReason::GuestPanic
+    } else {
+        reason
+    };
+    running.stop();
+    match &reason {
+        ExitReason::PowerOff => tracing::info!("guest powered off"),
+        ExitReason::GuestPanic => {
+            eprintln!("berth-vmm: the guest kernel panicked (see the console log)")
+        }
+        ExitReason::TripleFault => eprintln!("berth-vmm: the guest triple-faulted"),
+        ExitReason::Error(e) => eprintln!("berth-vmm: {e}"),
+    }
+    ExitCode::from(reason.code() as u8)
 }

@@ -61,4 +61,6 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u16);
     /// The driver reset the device: drop the queues.
     fn reset(&mut self);
+    /// Named counters for the VMM's metrics.
+    fn counters(&self) -> Vec<(&'static str, u64)>;
 }

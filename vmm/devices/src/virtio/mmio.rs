@@ -91,6 +91,17 @@ impl MmioTransport {
         }
     }
 
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// The device's counters plus the transport's own.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut c = self.device.counters();
+        c.push(("bad_register_accesses", self.bad_access.count()));
+        c
+    }
+
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {

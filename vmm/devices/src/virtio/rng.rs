@@ -69,4 +69,7 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
     }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("bytes", self.bytes)]
+    }
 }

@@ -307,6 +307,11 @@ impl crate::Vcpu for KvmVcpu {
         self.fd.set_lapic(&lapic).map_err(op("KVM_SET_LAPIC"))
     }
 
+    fn translate(&self, gva: u64) -> Result<Option<u64>> {
+        let t = self.fd.translate_gva(gva).map_err(op("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VcpuExit> {
         let _running = match self.kick.enter(&mut self.fd) {
             Some(guard) => guard,
@@ -336,9 +341,10 @@ impl crate::Vcpu for KvmVcpu {
                 KvmExit::SystemEvent(kind, _) => return Ok(VcpuExit::SystemEvent(kind)),
                 KvmExit::FailEntry(reason, _) => return Ok(VcpuExit::FailEntry(reason)),
                 KvmExit::InternalError => {
-                    return Ok(VcpuExit::InternalError(
-                        "KVM internal error (emulation failure)".into(),
-                    ))
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Ok(VcpuExit::InternalError(format!(
+                        "KVM internal error (emulation failure) at rip {rip:#x}"
+                    )));
                 }
                 other => {
                     return Ok(VcpuExit::InternalError(format!(

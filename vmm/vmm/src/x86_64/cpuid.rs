@@ -86,3 +86,56 @@ mod tests {
         assert_eq!((v[4].ebx, v[4].ecx), (0, 2));
     }
 }
+
+/// Hides the features a software instruction emulator (kvm_pvm) can't
+/// execute: CX16, POPCNT, XSAVE (and with it AVX), AVX2/AVX-512, SMEP,
+/// SMAP, XSAVES. For kernels booted on such a host for testing only.
+pub fn hide_for_instruction_emulator(entries: &mut [CpuidEntry]) {
+    for e in entries {
+        match (e.function, e.index) {
+            (1, _) => e.ecx &= !((1 << 13) | (1 << 23) | (1 << 26) | (1 << 27) | (1 << 28)),
+            (7, 0) => {
+                // AVX2, SMEP, AVX-512 F/DQ/IFMA/PF/ER/CD/BW/VL, SMAP.
+                e.ebx &= !((1 << 5)
+                    | (1 << 7)
+                    | (1 << 16)
+                    | (1 << 17)
+                    | (1 << 20)
+                    | (1 << 21)
+                    | (1 << 26)
+                    | (1 << 27)
+                    | (1 << 28)
+                    | (1 << 30)
+                    | (1 << 31));
+                e.ecx &= !(1 << 1); // AVX512_VBMI
+            }
+            (0xd, 1) => e.eax &= !(1 << 3),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod emulator_tests {
+    use super::*;
+
+    #[test]
+    fn emulator_mask_clears_the_listed_bits() {
+        let mut v = vec![
+            CpuidEntry {
+                function: 1,
+                ecx: u32::MAX,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 7,
+                ebx: u32::MAX,
+                ..Default::default()
+            },
+        ];
+        hide_for_instruction_emulator(&mut v);
+        assert_eq!(v[0].ecx & (1 << 23), 0, "POPCNT");
+        assert_eq!(v[1].ebx & (1 << 20), 0, "SMAP");
+        assert_ne!(v[0].ecx & 1, 0, "SSE3 untouched");
+    }
+}

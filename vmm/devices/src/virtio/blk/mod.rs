@@ -214,6 +214,19 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let m = &self.metrics;
+        vec![
+            ("reads", m.reads),
+            ("writes", m.writes),
+            ("flushes", m.flushes),
+            ("discards", m.discards),
+            ("bytes_read", m.bytes_read),
+            ("bytes_written", m.bytes_written),
+            ("errors", m.errors),
+        ]
+    }
 }
 
 #[cfg(test)]

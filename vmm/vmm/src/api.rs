@@ -1,0 +1,165 @@
+//! berth-vmm's control API: HTTP/1.1 + JSON on a unix socket. The routes
+//! map onto a closed set of actions; the transport is thin.
+//!
+//! | route | action |
+//! |---|---|
+//! | `GET /status` | state, vCPUs, memory, uptime |
+//! | `PUT /shutdown` | ctrl-alt-del to the guest; forced after the shutdown timeout |
+//! | `GET /metrics` | per-device counters |
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use crate::vm::Devices;
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Status,
+    Shutdown,
+    Metrics,
+}
+
+/// Maps a request line onto an action.
+pub fn route(method: &Method, path: &str) -> Result<Action, StatusCode> {
+    match (method, path) {
+        (&Method::GET, "/status") => Ok(Action::Status),
+        (&Method::PUT, "/shutdown") => Ok(Action::Shutdown),
+        (&Method::GET, "/metrics") => Ok(Action::Metrics),
+        (_, "/status" | "/shutdown" | "/metrics") => Err(StatusCode::METHOD_NOT_ALLOWED),
+        _ => Err(StatusCode::NOT_FOUND),
+    }
+}
+
+/// What the API can see and do.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub devices: Arc<Devices>,
+    pub started: Instant,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    /// Set when a shutdown is requested; the main loop enforces it.
+    pub shutdown_requested: Arc<Mutex<Option<Instant>>>,
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn perform(action: Action, s: &ApiState) -> Response<Full<Bytes>> {
+    match action {
+        Action::Status => {
+            let shutting_down = s
+                .shutdown_requested
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "state": if shutting_down { "shutting_down" } else { "running" },
+                    "vcpus": s.cpus,
+                    "memory_mib": s.memory_mib,
+                    "uptime_s": s.started.elapsed().as_secs(),
+                    "pid": std::process::id(),
+                }),
+            )
+        }
+        Action::Shutdown => {
+            let mut req = s
+                .shutdown_requested
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if req.is_none() {
+                s.devices.ctrl_alt_del();
+                *req = Some(Instant::now());
+            }
+            json(
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "shutdown": "requested" }),
+            )
+        }
+        Action::Metrics => json(StatusCode::OK, s.devices.metrics()),
+    }
+}
+
+/// Serves the API on `path` on a thread of its own.
+pub fn spawn(path: &Path, state: ApiState) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let _ = std::fs::remove_file(path);
+    let std_listener = std::os::unix::net::UnixListener::bind(path)?;
+    std_listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("control API: cannot start its runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::UnixListener::from_std(std_listener) else {
+                    return;
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(
+                            move |req: Request<hyper::body::Incoming>| {
+                                let state = state.clone();
+                                async move {
+                                    let resp = match route(req.method(), req.uri().path()) {
+                                        Ok(action) => perform(action, &state),
+                                        Err(code) => json(
+                                            code,
+                                            serde_json::json!({ "error": code.canonical_reason() }),
+                                        ),
+                                    };
+                                    Ok::<_, std::convert::Infallible>(resp)
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_a_closed_set() {
+        assert_eq!(route(&Method::GET, "/status"), Ok(Action::Status));
+        assert_eq!(route(&Method::PUT, "/shutdown"), Ok(Action::Shutdown));
+        assert_eq!(route(&Method::GET, "/metrics"), Ok(Action::Metrics));
+        assert_eq!(
+            route(&Method::GET, "/shutdown"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert_eq!(route(&Method::GET, "/../etc"), Err(StatusCode::NOT_FOUND));
+    }
+}

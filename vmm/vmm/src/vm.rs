@@ -1,0 +1,448 @@
+//! Building a VM from a validated [`VmConfig`] (config → resources →
+//! builder) and running it: one named thread per vCPU, exits reported to
+//! the caller's loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use berth_devices::legacy::i8042::{I8042Host, I8042};
+use berth_devices::legacy::serial::{ConsoleOut, IrqTrigger, SerialConsole};
+use berth_devices::virtio::blk::Block;
+use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
+use berth_devices::virtio::mmio::MmioTransport;
+use berth_devices::virtio::rng::Rng;
+use berth_hypervisor::{Hypervisor, IoHandler, Kicker, Vcpu, VcpuExit, Vm};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::x86_64::{boot, cpuid, layout, mptable, regs};
+
+/// Why a VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot allocate {0} MiB of guest memory: {1}")]
+    Memory(u64, String),
+    #[error(transparent)]
+    Hypervisor(#[from] berth_hypervisor::HypervisorError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Regs(#[from] regs::WriteError),
+    #[error(transparent)]
+    Disk(#[from] berth_devices::virtio::blk::BlockError),
+    #[error("cannot open the console log {0}: {1}")]
+    Console(String, std::io::Error),
+    #[error("cannot create an interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("this host can't run a stock Linux guest: {0}")]
+    Probe(String),
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset the machine (its power-off path with `reboot=k`).
+    PowerOff,
+    GuestPanic,
+    TripleFault,
+    Error(String),
+}
+
+impl ExitReason {
+    /// The process exit code for this reason.
+    pub fn code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff => 0,
+            ExitReason::GuestPanic => 2,
+            ExitReason::TripleFault => 3,
+            ExitReason::Error(_) => 4,
+        }
+    }
+}
+
+/// Raises one GSI through an irqfd.
+struct IrqLine(EventFd);
+
+impl InterruptLine for IrqLine {
+    fn trigger(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+struct KbdHost {
+    reset: mpsc::Sender<ExitReason>,
+    irq: Arc<IrqLine>,
+}
+
+impl I8042Host for KbdHost {
+    fn reset(&mut self) {
+        let _ = self.reset.send(ExitReason::PowerOff);
+    }
+    fn keyboard_interrupt(&mut self) {
+        self.irq.trigger();
+    }
+}
+
+/// The devices every vCPU dispatches to.
+pub struct Devices {
+    serial: Mutex<SerialConsole>,
+    i8042: Mutex<I8042<KbdHost>>,
+    mmio: Vec<Mutex<MmioTransport>>,
+}
+
+const SERIAL_PORT: u16 = 0x3f8;
+const SERIAL_IRQ: u32 = 4;
+const I8042_DATA: u16 = 0x60;
+const I8042_STATUS: u16 = 0x64;
+const KEYBOARD_IRQ: u32 = 1;
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("virtio", &self.mmio.len())
+            .finish()
+    }
+}
+
+impl Devices {
+    fn mmio_slot(&self, addr: u64) -> Option<(usize, u64)> {
+        let off = addr.checked_sub(layout::VIRTIO_MMIO_START)?;
+        let slot = (off / layout::VIRTIO_MMIO_SIZE) as usize;
+        (slot < self.mmio.len()).then_some((slot, off % layout::VIRTIO_MMIO_SIZE))
+    }
+
+    /// Sends ctrl-alt-del to the guest.
+    pub fn ctrl_alt_del(&self) {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ctrl_alt_del();
+    }
+
+    /// Per-device counters, for the control API.
+    pub fn metrics(&self) -> serde_json::Value {
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes_out();
+        let virtio: Vec<_> = self
+            .mmio
+            .iter()
+            .enumerate()
+            .map(|(slot, t)| {
+                let t = t.lock().unwrap_or_else(|e| e.into_inner());
+                let mut o = serde_json::Map::new();
+                o.insert("slot".into(), slot.into());
+                o.insert("device_type".into(), t.device_type().into());
+                for (k, v) in t.counters() {
+                    o.insert(k.into(), v.into());
+                }
+                serde_json::Value::Object(o)
+            })
+            .collect();
+        serde_json::json!({ "serial": { "bytes_out": serial }, "virtio": virtio })
+    }
+
+    pub fn guest_panicked(&self) -> bool {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .guest_panicked()
+    }
+}
+
+/// A vCPU's view of the devices.
+struct Dispatch(Arc<Devices>);
+
+impl IoHandler for Dispatch {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            SERIAL_PORT..=0x3ff if data.len() == 1 => {
+                data[0] = self
+                    .0
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read((port - SERIAL_PORT) as u8)
+            }
+            I8042_DATA | I8042_STATUS if data.len() == 1 => {
+                data[0] = self
+                    .0
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read((port - I8042_DATA) as u8)
+            }
+            _ => {}
+        }
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        match port {
+            SERIAL_PORT..=0x3ff if data.len() == 1 => self
+                .0
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write((port - SERIAL_PORT) as u8, data[0]),
+            I8042_DATA | I8042_STATUS if data.len() == 1 => self
+                .0
+                .i8042
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write((port - I8042_DATA) as u8, data[0]),
+            _ => {}
+        }
+    }
+
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match self.0.mmio_slot(addr) {
+            Some((slot, off)) => self.0.mmio[slot]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        if let Some((slot, off)) = self.0.mmio_slot(addr) {
+            self.0.mmio[slot]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(off, data);
+        }
+    }
+}
+
+/// A built, running VM.
+pub struct RunningVm<H: Hypervisor> {
+    _vm: Arc<H::Vm>,
+    pub devices: Arc<Devices>,
+    kickers: Vec<Kicker>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub exits: mpsc::Receiver<ExitReason>,
+}
+
+impl<H: Hypervisor> std::fmt::Debug for RunningVm<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("vcpus", &self.kickers.len())
+            .finish()
+    }
+}
+
+impl<H: Hypervisor> RunningVm<H> {
+    /// Stops every vCPU and waits for their threads.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for k in &self.kickers {
+            k.kick();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Builds the VM described by `cfg` and starts its vCPUs.
+pub fn start<H: Hypervisor>(hv: &H, cfg: &VmConfig) -> Result<RunningVm<H>, BuildError>
+where
+    <H::Vm as Vm>::Vcpu: 'static,
+{
+    let probe = hv.probe();
+    if !probe.can_run_linux && !cfg.ignore_probe {
+        return Err(BuildError::Probe(probe.reason));
+    }
+    let size = cfg.memory_mib << 20;
+    let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(size))
+        .map_err(|e| BuildError::Memory(cfg.memory_mib, e.to_string()))?;
+    let mem = Arc::new(mem);
+    let vm = Arc::new(hv.create_vm()?);
+    vm.map_memory(mem.clone())?;
+    vm.create_irqchip()?;
+    vm.create_pit()?;
+
+    let irq = |gsi: u32| -> Result<Arc<IrqLine>, BuildError> {
+        let e = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&e, gsi)?;
+        Ok(Arc::new(IrqLine(e)))
+    };
+    let (exit_tx, exits) = mpsc::channel();
+
+    // Legacy devices.
+    let console_file = match &cfg.console_log {
+        Some(p) => Some(
+            std::fs::File::create(p)
+                .map_err(|e| BuildError::Console(p.display().to_string(), e))?,
+        ),
+        None => None,
+    };
+    let serial_irq = irq(SERIAL_IRQ)?;
+    let serial = SerialConsole::new(
+        IrqTrigger(Box::new(move || serial_irq.trigger())),
+        ConsoleOut::new(console_file, cfg.console_stdout),
+    );
+    let i8042 = I8042::new(KbdHost {
+        reset: exit_tx.clone(),
+        irq: irq(KEYBOARD_IRQ)?,
+    });
+
+    // virtio-mmio devices, in the order the guest names them (vda, vdb…).
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(r) = &cfg.rootfs {
+        virtio.push(Box::new(Block::open(r, true)?));
+    }
+    if let Some(d) = &cfg.data_disk {
+        virtio.push(Box::new(Block::open(d, false)?));
+    }
+    virtio.push(Box::new(Rng::default()));
+    let mut cmdline = cfg.cmdline.trim().to_owned();
+    let mut mmio = Vec::new();
+    for (n, dev) in virtio.into_iter().enumerate() {
+        let (addr, gsi) = layout::virtio_slot(n);
+        mmio.push(Mutex::new(MmioTransport::new(
+            dev,
+            (*mem).clone(),
+            irq(gsi)?,
+        )));
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{gsi}"));
+    }
+    let devices = Arc::new(Devices {
+        serial: Mutex::new(serial),
+        i8042: Mutex::new(i8042),
+        mmio,
+    });
+
+    // Kernel and what it reads at entry.
+    let entry = boot::load_kernel(&*mem, &cfg.kernel)?;
+    boot::write_cmdline(&*mem, &cmdline)?;
+    match entry.mode {
+        regs::EntryMode::Pvh => boot::write_pvh_info(&*mem, size)?,
+        regs::EntryMode::Linux64 => {
+            boot::write_boot_params(&*mem, entry.setup_header, cmdline.len(), size)?
+        }
+    }
+    mptable::write(&*mem, cfg.cpus)?;
+    tracing::info!(
+        "kernel {} entry {:#x} ({:?}); cmdline: {cmdline}",
+        cfg.kernel.display(),
+        entry.entry,
+        entry.mode
+    );
+
+    // vCPUs.
+    let supported = hv.supported_cpuid()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut kickers = Vec::new();
+    let mut threads = Vec::new();
+    for id in 0..cfg.cpus {
+        let vcpu = vm.create_vcpu(id)?;
+        let mut leaves = cpuid::for_vcpu(&supported, id, cfg.cpus);
+        if !probe.can_run_linux {
+            cpuid::hide_for_instruction_emulator(&mut leaves);
+        }
+        vcpu.set_cpuid(&leaves)?;
+        vcpu.set_msrs(&regs::boot_msrs())?;
+        vcpu.set_fpu_default()?;
+        vcpu.setup_lapic()?;
+        if id == 0 {
+            let sregs = regs::setup_sregs(&*mem, entry.mode, vcpu.sregs()?)?;
+            vcpu.set_sregs(&sregs)?;
+            vcpu.set_regs(&regs::boot_regs(entry.mode, entry.entry))?;
+        }
+        kickers.push(vcpu.kicker());
+        let (devices, stop, exit_tx) = (devices.clone(), stop.clone(), exit_tx.clone());
+        let quirks = (!probe.can_run_linux).then(|| mem.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(vcpu, id, Dispatch(devices), stop, exit_tx, quirks))
+            .map_err(|e| {
+                BuildError::Hypervisor(berth_hypervisor::HypervisorError::Op {
+                    op: "spawning a vCPU thread",
+                    source: e,
+                })
+            })?;
+        threads.push(t);
+    }
+    Ok(RunningVm {
+        _vm: vm,
+        devices,
+        kickers,
+        stop,
+        threads,
+        exits,
+    })
+}
+
+/// On a host whose hypervisor emulates every instruction (kvm_pvm), steps
+/// over an instruction its emulator rejects but that is a no-op for the
+/// kernel: FWAIT (the kernel runs with x87 exceptions masked). Returns
+/// whether it did.
+fn step_over_emulator_gap<V: Vcpu>(vcpu: &V, mem: &GuestMemoryMmap) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    const FWAIT: u8 = 0x9b;
+    let Ok(mut regs) = vcpu.regs() else {
+        return false;
+    };
+    let Ok(Some(pa)) = vcpu.translate(regs.rip) else {
+        return false;
+    };
+    if mem.read_obj::<u8>(GuestAddress(pa)).ok() != Some(FWAIT) {
+        return false;
+    }
+    tracing::debug!("stepping over FWAIT at {:#x}", regs.rip);
+    regs.rip += 1;
+    vcpu.set_regs(&regs).is_ok()
+}
+
+/// A vCPU's life: run, serve exits, stop when told.
+fn vcpu_loop<V: Vcpu>(
+    mut vcpu: V,
+    id: u8,
+    mut io: Dispatch,
+    stop: Arc<AtomicBool>,
+    exits: mpsc::Sender<ExitReason>,
+    emulator_quirks: Option<Arc<GuestMemoryMmap>>,
+) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let reason = match vcpu.run(&mut io) {
+            Ok(VcpuExit::Interrupted) => continue,
+            // With the in-kernel LAPIC a HLT only reaches us when the vCPU
+            // can never wake again (interrupts off).
+            Ok(VcpuExit::Halt) => {
+                ExitReason::Error(format!("vCPU {id} halted with interrupts off"))
+            }
+            Ok(VcpuExit::Shutdown) => ExitReason::TripleFault,
+            Ok(VcpuExit::SystemEvent(kind)) => {
+                tracing::info!("vCPU {id}: system event {kind}");
+                ExitReason::PowerOff
+            }
+            Ok(VcpuExit::InternalError(_))
+                if emulator_quirks
+                    .as_ref()
+                    .is_some_and(|m| step_over_emulator_gap(&vcpu, m)) =>
+            {
+                continue
+            }
+            Ok(VcpuExit::InternalError(e)) => ExitReason::Error(format!("vCPU {id}: {e}")),
+            Ok(VcpuExit::FailEntry(r)) => ExitReason::Error(format!(
+                "vCPU {id} could not enter the guest (reason {r:#x})"
+            )),
+            Err(e) => ExitReason::Error(format!("vCPU {id}: {e}")),
+        };
+        let _ = exits.send(reason);
+        return;
+    }
+}
