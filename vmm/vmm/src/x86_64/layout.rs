@@ -1,4 +1,4 @@
-//! Guest physical memory layout (documented in docs/vmm-memory-layout.md).
+//! Guest physical memory layout (also in docs/vmm.md).
 //!
 //! ```text
 //! 0x0000_0000  real-mode IVT and BIOS data (left zero)
