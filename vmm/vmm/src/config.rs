@@ -19,6 +19,9 @@ pub struct VmConfig {
     /// The kernel command line (berth-vmm adds its virtio_mmio.device words).
     pub cmdline: String,
     pub api_socket: Option<PathBuf>,
+    /// Host side of the vsock device (Firecracker's convention), if any.
+    pub vsock_uds: Option<PathBuf>,
+    pub guest_cid: u64,
     /// Run even if the hypervisor probe says a stock Linux can't (tests on
     /// kvm_pvm with a kernel made for it).
     pub ignore_probe: bool,
@@ -113,6 +116,8 @@ mod tests {
             console_stdout: false,
             cmdline: String::new(),
             api_socket: None,
+            vsock_uds: None,
+            guest_cid: 3,
             ignore_probe: false,
         }
     }

@@ -61,6 +61,12 @@ struct RunArgs {
     /// More kernel command line words.
     #[arg(long, default_value = "")]
     extra_cmdline: String,
+    /// Host side of a virtio-vsock device: `CONNECT <port>` here reaches
+    /// the guest; guest connections to port P reach `<path>_P`.
+    #[arg(long)]
+    vsock: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    guest_cid: u64,
     /// Serve the control API (HTTP + JSON) on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -143,6 +149,8 @@ fn run(a: RunArgs) -> ExitCode {
         console_stdout: a.console_stdout,
         cmdline: format!("{} {}", a.cmdline, a.extra_cmdline),
         api_socket: a.api_socket.clone(),
+        vsock_uds: a.vsock.clone(),
+        guest_cid: a.guest_cid,
         ignore_probe: a.ignore_probe,
     };
     if let Err(e) = cfg.validate() {

@@ -13,6 +13,7 @@ use berth_devices::virtio::blk::Block;
 use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
 use berth_devices::virtio::mmio::MmioTransport;
 use berth_devices::virtio::rng::Rng;
+use berth_devices::virtio::vsock::VsockDevice;
 use berth_hypervisor::{Hypervisor, IoHandler, Kicker, Vcpu, VcpuExit, Vm};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -39,6 +40,8 @@ pub enum BuildError {
     Console(String, std::io::Error),
     #[error("cannot create an interrupt eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error(transparent)]
+    Vsock(#[from] berth_devices::virtio::vsock::VsockError),
     #[error("this host can't run a stock Linux guest: {0}")]
     Probe(String),
 }
@@ -305,6 +308,13 @@ where
         virtio.push(Box::new(Block::open(d, false)?));
     }
     virtio.push(Box::new(Rng::default()));
+    let vsock = match &cfg.vsock_uds {
+        Some(uds) => Some(VsockDevice::new(cfg.guest_cid, uds)?),
+        None => None,
+    };
+    if let Some(v) = &vsock {
+        virtio.push(Box::new(v.clone()));
+    }
     let mut cmdline = cfg.cmdline.trim().to_owned();
     let mut mmio = Vec::new();
     for (n, dev) in virtio.into_iter().enumerate() {
@@ -373,6 +383,19 @@ where
             })?;
         threads.push(t);
     }
+    if let Some(v) = vsock {
+        let stop = stop.clone();
+        let t = std::thread::Builder::new()
+            .name("vsock-host".into())
+            .spawn(move || vsock_host_loop(v, stop))
+            .map_err(|e| {
+                BuildError::Hypervisor(berth_hypervisor::HypervisorError::Op {
+                    op: "spawning the vsock thread",
+                    source: e,
+                })
+            })?;
+        threads.push(t);
+    }
     Ok(RunningVm {
         _vm: vm,
         devices,
@@ -381,6 +404,34 @@ where
         threads,
         exits,
     })
+}
+
+/// Waits for the vsock device's host sockets and lets it serve them.
+fn vsock_host_loop(dev: VsockDevice, stop: Arc<AtomicBool>) {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("vsock: cannot create an epoll instance: {e}");
+            return;
+        }
+    };
+    if let Err(e) = epoll.ctl(
+        ControlOperation::Add,
+        dev.host_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    ) {
+        tracing::error!("vsock: cannot watch the host sockets: {e}");
+        return;
+    }
+    let mut events = [EpollEvent::default(); 1];
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(n) = epoll.wait(200, &mut events) {
+            if n > 0 {
+                dev.host_ready();
+            }
+        }
+    }
 }
 
 /// On a host whose hypervisor emulates every instruction (kvm_pvm), steps

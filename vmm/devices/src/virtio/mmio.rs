@@ -260,3 +260,96 @@ impl MmioTransport {
         self.config_generation = self.config_generation.wrapping_add(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::vsock::VsockDevice;
+    use vm_memory::GuestAddress;
+
+    struct NoIrq;
+    impl InterruptLine for NoIrq {
+        fn trigger(&self) {}
+    }
+
+    fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn identifies_itself_and_exposes_config() {
+        let dir = std::env::temp_dir().join(format!("berth-mmio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = VsockDevice::new(7, &dir.join("v.sock")).unwrap();
+        let mut t = MmioTransport::new(Box::new(dev), mem(), Arc::new(NoIrq));
+        assert_eq!(r32(&mut t, 0), MAGIC);
+        assert_eq!(r32(&mut t, 4), 2);
+        assert_eq!(r32(&mut t, 8), 19);
+        w32(&mut t, 0x14, 1);
+        assert_eq!(r32(&mut t, 0x10), 1, "VERSION_1 in the high word");
+        let mut cid = [0u8; 8];
+        t.read(0x100, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 7);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn driver_ok_with_unset_queues_fails_cleanly() {
+        let mut t = MmioTransport::new(Box::new(Rng::default()), mem(), Arc::new(NoIrq));
+        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Offer a feature we don't have: FEATURES_OK must not stick.
+        w32(&mut t, 0x24, 0);
+        w32(&mut t, 0x20, 1 << 5);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r32(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        // Reset, then a proper negotiation with a queue pointing nowhere.
+        w32(&mut t, 0x70, 0);
+        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(&mut t, 0x24, 1);
+        w32(&mut t, 0x20, 1);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w32(&mut t, 0x30, 0);
+        w32(&mut t, 0x38, 256);
+        w32(&mut t, 0x080, 0xffff_f000);
+        w32(&mut t, 0x084, 0xffff_ffff);
+        w32(&mut t, 0x044, 1);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_ne!(
+            r32(&mut t, 0x70) & STATUS_FAILED,
+            0,
+            "invalid queue → FAILED, not a crash"
+        );
+        // Garbage widths and offsets are ignored.
+        t.write(0x50, &[1, 2]);
+        let mut b = [0u8; 3];
+        t.read(0x44, &mut b);
+        w32(&mut t, 0xf0, 5);
+        assert!(t
+            .counters()
+            .iter()
+            .any(|(k, v)| *k == "bad_register_accesses" && *v >= 3));
+    }
+}

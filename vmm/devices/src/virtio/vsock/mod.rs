@@ -16,6 +16,7 @@
 
 mod conn;
 mod muxer;
+mod virtio;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -26,6 +27,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use muxer::Metrics;
 use muxer::Muxer;
+pub use virtio::VsockDevice;
 
 /// The host's CID, fixed by the virtio spec.
 pub const HOST_CID: u64 = 2;
