@@ -17,14 +17,27 @@ impl InterruptLine for NoIrq {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, descs)) = common::load(data) else { return };
-    let Some((vq, _)) = common::queue(&mem, &descs) else { return };
+    let Some((mem, descs)) = common::load(data) else {
+        return;
+    };
+    let Some((vq, _)) = common::queue(&mem, &descs) else {
+        return;
+    };
     let path = std::env::temp_dir().join(format!("berth-fuzz-blk-{}.img", std::process::id()));
-    if std::fs::File::create(&path).and_then(|f| f.set_len(64 << 10)).is_err() {
+    if std::fs::File::create(&path)
+        .and_then(|f| f.set_len(64 << 10))
+        .is_err()
+    {
         return;
     }
-    let Ok(mut dev) = Block::open(&path, false) else { return };
+    let Ok(mut dev) = Block::open(&path, false) else {
+        return;
+    };
     let Ok(q) = vq.create_queue() else { return };
-    dev.activate(mem.clone(), vec![q], QueueInterrupt::new(Arc::new(NoIrq), Arc::new(AtomicU32::new(0))));
+    dev.activate(
+        mem.clone(),
+        vec![q],
+        QueueInterrupt::new(Arc::new(NoIrq), Arc::new(AtomicU32::new(0))),
+    );
     dev.queue_notify(0);
 });

@@ -21,7 +21,9 @@ pub fn load(data: &[u8]) -> Option<(GuestMemoryMmap, Vec<RawDescriptor>)> {
         let len = u32::from_le_bytes(rest[4..8].try_into().ok()?);
         let flags = u16::from_le_bytes(rest[8..10].try_into().ok()?);
         let next = u16::from_le_bytes(rest[10..12].try_into().ok()?);
-        descs.push(RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            addr, len, flags, next,
+        )));
         rest = &rest[12..];
     }
     let payload = &rest[..rest.len().min(0x8000)];
@@ -30,7 +32,10 @@ pub fn load(data: &[u8]) -> Option<(GuestMemoryMmap, Vec<RawDescriptor>)> {
 }
 
 /// A queue at 0 with `descs` in its table and all of them offered.
-pub fn queue<'a>(mem: &'a GuestMemoryMmap, descs: &[RawDescriptor]) -> Option<(MockSplitQueue<'a, GuestMemoryMmap>, virtio_queue::Queue)> {
+pub fn queue<'a>(
+    mem: &'a GuestMemoryMmap,
+    descs: &[RawDescriptor],
+) -> Option<(MockSplitQueue<'a, GuestMemoryMmap>, virtio_queue::Queue)> {
     let vq = MockSplitQueue::create(mem, GuestAddress(0), 16);
     vq.add_desc_chains(descs, 0).ok()?;
     let q = vq.create_queue().ok()?;

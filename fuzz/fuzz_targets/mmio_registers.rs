@@ -15,7 +15,9 @@ impl InterruptLine for NoIrq {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]) else { return };
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]) else {
+        return;
+    };
     let mut t = MmioTransport::new(Box::new(Rng::default()), mem, Arc::new(NoIrq));
     // Each access: [kind, offset_lo, offset_hi, size, value:4]
     for op in data.chunks_exact(8) {

@@ -7,10 +7,16 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, descs)) = common::load(data) else { return };
-    let Some((_vq, mut q)) = common::queue(&mem, &descs) else { return };
+    let Some((mem, descs)) = common::load(data) else {
+        return;
+    };
+    let Some((_vq, mut q)) = common::queue(&mem, &descs) else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("berth-fuzz-vsock-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
-    let Ok(mut dev) = berth_devices::virtio::vsock::Vsock::new(3, &dir.join("v.sock")) else { return };
+    let Ok(mut dev) = berth_devices::virtio::vsock::Vsock::new(3, &dir.join("v.sock")) else {
+        return;
+    };
     dev.process_tx(&mut q, &mem);
 });
