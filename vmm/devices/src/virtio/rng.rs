@@ -73,3 +73,65 @@ impl VirtioDevice for Rng {
         vec![("bytes", self.bytes)]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::device::InterruptLine;
+
+    #[derive(Default)]
+    struct Line(AtomicUsize);
+    impl InterruptLine for Line {
+        fn trigger(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn fills_writable_buffers_and_skips_readonly_ones() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let w = VRING_DESC_F_WRITE as u16;
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(0x10_0000, 256, w, 0)),
+                RawDescriptor::from(SplitDescriptor::new(0x20_0000, 256, 0, 0)),
+            ],
+            0,
+        )
+        .unwrap();
+        let line = Arc::new(Line::default());
+        let mut rng = Rng::default();
+        rng.activate(
+            mem.clone(),
+            vec![vq.create_queue().unwrap()],
+            QueueInterrupt::new(line.clone(), Arc::new(AtomicU32::new(0))),
+        );
+        rng.queue_notify(0);
+        let used = vq.used_addr();
+        assert_eq!(
+            mem.read_obj::<u16>(used.unchecked_add(2)).unwrap(),
+            2,
+            "both chains used"
+        );
+        assert_eq!(mem.read_obj::<u32>(used.unchecked_add(8)).unwrap(), 256);
+        assert_eq!(
+            mem.read_obj::<u32>(used.unchecked_add(16)).unwrap(),
+            0,
+            "read-only buffer gets nothing"
+        );
+        let mut buf = [0u8; 256];
+        mem.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
+        assert!(buf.iter().any(|&b| b != 0), "random bytes were written");
+        assert_eq!(line.0.load(Ordering::SeqCst), 1);
+        assert_eq!(rng.counters(), vec![("bytes", 256)]);
+    }
+}
