@@ -2,16 +2,14 @@
 //! devices: memory layout, kernel loading, boot params, CPUID, interrupts,
 //! the serial console, the virtio-mmio transport and virtio-blk together.
 //!
-//! Slow (minutes): on this project's machines /dev/kvm is kvm_pvm, which
-//! emulates every instruction. There the test boots the kvm_pvm test kernel
-//! (guest-image/kernel/pvm-test) and asserts what that host lets it reach
-//! today: the banner, the command line and the registration of our
-//! virtio-mmio devices, read from our serial device, with the control API
-//! answering; then `PUT /shutdown` stops it (forced after the shutdown
-//! timeout, since the guest is still in early boot). The kernel then stalls
-//! after `fuse: init` on kvm_pvm (see docs/vmm.md), so the root mount and
-//! `Run /sbin/init` are asserted only on a host with real KVM, where the
-//! product kernel boots to init and shuts down in order.
+//! Slow (about a minute of guest time): on this project's machines /dev/kvm
+//! is kvm_pvm, which emulates every instruction. There the test boots the
+//! kvm_pvm test kernel (guest-image/kernel/pvm-test) until it mounts its
+//! root from our virtio-blk and runs init; kvm_pvm can't deliver init's
+//! first syscall, so init dies, the kernel panics and resets through our
+//! i8042, and berth-vmm exits with code 2 (guest panic). On a host with real
+//! KVM the product kernel boots, init runs, and `PUT /shutdown` ends the VM
+//! in order (exit 0).
 //!
 //! Needs /dev/kvm and the guest image; without them it prints a loud
 //! SKIPPED line unless BERTH_KVM_REQUIRED=1 / BERTH_E2E_REQUIRED=1.
