@@ -245,3 +245,61 @@ fn bad_settings_are_refused_before_anything_starts() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cpus must be between 1"));
 }
+
+#[test]
+fn shutdown_request_is_forced_after_its_timeout() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(dir) = berth_testkit::require_image() else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_berth-vmm");
+    let scratch = Scratch::new("kvm-shutdown");
+    let console = scratch.0.join("console.log");
+    let api_sock = scratch.0.join("vmm.sock");
+    // A kernel that never gets far enough to honour ctrl-alt-del: the
+    // shutdown must still end the VM, after --shutdown-timeout.
+    let mut child = Command::new(bin)
+        .args([
+            "run",
+            "--ignore-probe",
+            "--cpus",
+            "1",
+            "--memory",
+            "256",
+            "--shutdown-timeout",
+            "2",
+        ])
+        .args([
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1 clearcpuid=141,151,154,295,308",
+        ])
+        .arg("--kernel")
+        .arg(dir.join("test/vmlinux-pvm-test"))
+        .arg("--console-log")
+        .arg(&console)
+        .arg("--api-socket")
+        .arg(&api_sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("Linux version")
+    {
+        assert!(Instant::now() < deadline, "no banner");
+        assert!(child.try_wait().unwrap().is_none(), "berth-vmm ended early");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t0 = Instant::now();
+    assert_eq!(api(&api_sock, "PUT", "/shutdown").0, 202);
+    assert!(api(&api_sock, "GET", "/status").1.contains("shutting_down"));
+    assert_eq!(wait(&mut child, Duration::from_secs(60)), Some(0));
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "forced only after the timeout"
+    );
+}

@@ -217,3 +217,47 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use crate::x86_64::layout::ram_regions;
+    use vm_memory::GuestMemoryMmap;
+
+    #[test]
+    fn long_mode_state_and_identity_map_read_back() {
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&ram_regions(64 << 20)).unwrap();
+        let s = setup_sregs(&mem, EntryMode::Linux64, SpecialRegs::default()).unwrap();
+        assert_eq!(
+            (s.cr3, s.cr4 & CR4_PAE, s.cr0 & (CR0_PE | CR0_PG)),
+            (PML4_START, CR4_PAE, CR0_PE | CR0_PG)
+        );
+        assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        assert!(s.cs.l && s.cs.selector == 8 && s.ds.selector == 16 && s.tr.selector == 24);
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
+        let pdpte: u64 = mem.read_obj(GuestAddress(PDPTE_START)).unwrap();
+        let pde_last: u64 = mem.read_obj(GuestAddress(PDE_START + 511 * 8)).unwrap();
+        assert_eq!((pml4, pdpte), (PDPTE_START | 3, PDE_START | 3));
+        assert_eq!(pde_last, (511 << 21) | 0x83, "2 MiB pages up to 1 GiB");
+        let gdt1: u64 = mem.read_obj(GuestAddress(GDT_START + 8)).unwrap();
+        assert_eq!(gdt1, gdt(EntryMode::Linux64)[1]);
+        let r = boot_regs(EntryMode::Linux64, 0x100200);
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp, r.rflags),
+            (0x100200, ZERO_PAGE_START, BOOT_STACK_POINTER, 2)
+        );
+    }
+
+    #[test]
+    fn pvh_state_is_flat_protected_mode_without_paging() {
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&ram_regions(64 << 20)).unwrap();
+        let s = setup_sregs(&mem, EntryMode::Pvh, SpecialRegs::default()).unwrap();
+        assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!((s.cr3, s.cr4, s.efer), (0, 0, 0));
+        assert!(s.cs.db && !s.cs.l && s.cs.limit == 0xffff_ffff);
+        assert_eq!(boot_regs(EntryMode::Pvh, 0x1000500).rbx, PVH_INFO_START);
+        assert!(boot_msrs()
+            .iter()
+            .any(|&(i, v)| i == MSR_MTRR_DEF_TYPE && v == (1 << 11) | 6));
+    }
+}
