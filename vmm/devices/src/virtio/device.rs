@@ -64,3 +64,29 @@ pub trait VirtioDevice: Send {
     /// Named counters for the VMM's metrics.
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }
+
+/// Copies the window `offset..offset + data.len()` of a config space into
+/// `data`; bytes past the end read as zero (the guest may probe anywhere).
+pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_config_window;
+
+    #[test]
+    fn config_windows() {
+        let c = [1u8, 2, 3, 4];
+        let mut d = [9u8; 3];
+        read_config_window(&c, 2, &mut d);
+        assert_eq!(d, [3, 4, 0]);
+        read_config_window(&c, u64::MAX, &mut d);
+        assert_eq!(d, [0, 0, 0]);
+    }
+}

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use berth_devices::virtio::device::read_config_window;
 use berth_devices::virtio::vsock::{Metrics, Vsock, NUM_QUEUES};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
@@ -143,13 +144,8 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.dev.config();
         let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(config.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(config.len());
-        out[..end - start].copy_from_slice(&config[start..end]);
+        read_config_window(&self.dev.config(), offset as u64, &mut out);
         out
     }
 

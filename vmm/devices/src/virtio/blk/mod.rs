@@ -11,7 +11,7 @@ use std::path::Path;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::device::{QueueInterrupt, VirtioDevice};
+use super::device::{read_config_window, QueueInterrupt, VirtioDevice};
 pub use request::{RequestError, Status};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -182,12 +182,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = (offset as usize).min(self.config.len());
-        let end = (offset as usize)
-            .saturating_add(data.len())
-            .min(self.config.len());
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        read_config_window(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

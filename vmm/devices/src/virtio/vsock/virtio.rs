@@ -10,7 +10,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::{Vsock, VsockError, RX_QUEUE, TX_QUEUE};
-use crate::virtio::device::{QueueInterrupt, VirtioDevice};
+use crate::virtio::device::{read_config_window, QueueInterrupt, VirtioDevice};
 
 const VIRTIO_ID_VSOCK: u32 = 19;
 const F_VERSION_1: u64 = 1 << 32;
@@ -69,10 +69,7 @@ impl VirtioDevice for VsockDevice {
     }
     fn ack_features(&mut self, _features: u64) {}
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = (offset as usize).min(8);
-        let end = (offset as usize).saturating_add(data.len()).min(8);
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        read_config_window(&self.config, offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: QueueInterrupt) {
