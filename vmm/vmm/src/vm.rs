@@ -14,11 +14,12 @@ use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
 use berth_devices::virtio::mmio::MmioTransport;
 use berth_devices::virtio::rng::Rng;
 use berth_devices::virtio::vsock::VsockDevice;
-use berth_hypervisor::{Hypervisor, IoHandler, Kicker, Vcpu, VcpuExit, Vm};
+use berth_hypervisor::{Hypervisor, IoHandler, Vcpu, Vm};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::vcpu::{self, Command, VcpuHandle};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 
 /// Why a VM could not be built.
@@ -229,7 +230,8 @@ impl IoHandler for Dispatch {
 pub struct RunningVm<H: Hypervisor> {
     _vm: Arc<H::Vm>,
     pub devices: Arc<Devices>,
-    kickers: Vec<Kicker>,
+    vcpus: Vec<VcpuHandle>,
+    /// Ends the helper threads (vsock host sockets).
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     pub exits: mpsc::Receiver<ExitReason>,
@@ -238,7 +240,7 @@ pub struct RunningVm<H: Hypervisor> {
 impl<H: Hypervisor> std::fmt::Debug for RunningVm<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningVm")
-            .field("vcpus", &self.kickers.len())
+            .field("vcpus", &self.vcpus.len())
             .finish()
     }
 }
@@ -247,11 +249,18 @@ impl<H: Hypervisor> RunningVm<H> {
     /// Stops every vCPU and waits for their threads.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for k in &self.kickers {
-            k.kick();
+        for v in self.vcpus.drain(..) {
+            v.stop();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+
+    /// Pauses or resumes every vCPU.
+    pub fn command(&self, c: Command) {
+        for v in &self.vcpus {
+            v.send(c);
         }
     }
 }
@@ -352,7 +361,7 @@ where
     // vCPUs.
     let supported = hv.supported_cpuid()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut kickers = Vec::new();
+    let mut vcpus = Vec::new();
     let mut threads = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm.create_vcpu(id)?;
@@ -369,19 +378,15 @@ where
             vcpu.set_sregs(&sregs)?;
             vcpu.set_regs(&regs::boot_regs(entry.mode, entry.entry))?;
         }
-        kickers.push(vcpu.kicker());
-        let (devices, stop, exit_tx) = (devices.clone(), stop.clone(), exit_tx.clone());
         let quirks = (!probe.can_run_linux).then(|| mem.clone());
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, id, Dispatch(devices), stop, exit_tx, quirks))
+        let handle = vcpu::spawn(vcpu, id, Dispatch(devices.clone()), exit_tx.clone(), quirks)
             .map_err(|e| {
                 BuildError::Hypervisor(berth_hypervisor::HypervisorError::Op {
                     op: "spawning a vCPU thread",
                     source: e,
                 })
             })?;
-        threads.push(t);
+        vcpus.push(handle);
     }
     if let Some(v) = vsock {
         let stop = stop.clone();
@@ -399,7 +404,7 @@ where
     Ok(RunningVm {
         _vm: vm,
         devices,
-        kickers,
+        vcpus,
         stop,
         threads,
         exits,
@@ -431,69 +436,5 @@ fn vsock_host_loop(dev: VsockDevice, stop: Arc<AtomicBool>) {
                 dev.host_ready();
             }
         }
-    }
-}
-
-/// On a host whose hypervisor emulates every instruction (kvm_pvm), steps
-/// over an instruction its emulator rejects but that is a no-op for the
-/// kernel: FWAIT (the kernel runs with x87 exceptions masked). Returns
-/// whether it did.
-fn step_over_emulator_gap<V: Vcpu>(vcpu: &V, mem: &GuestMemoryMmap) -> bool {
-    use vm_memory::{Bytes, GuestAddress};
-    const FWAIT: u8 = 0x9b;
-    let Ok(mut regs) = vcpu.regs() else {
-        return false;
-    };
-    let Ok(Some(pa)) = vcpu.translate(regs.rip) else {
-        return false;
-    };
-    if mem.read_obj::<u8>(GuestAddress(pa)).ok() != Some(FWAIT) {
-        return false;
-    }
-    tracing::debug!("stepping over FWAIT at {:#x}", regs.rip);
-    regs.rip += 1;
-    vcpu.set_regs(&regs).is_ok()
-}
-
-/// A vCPU's life: run, serve exits, stop when told.
-fn vcpu_loop<V: Vcpu>(
-    mut vcpu: V,
-    id: u8,
-    mut io: Dispatch,
-    stop: Arc<AtomicBool>,
-    exits: mpsc::Sender<ExitReason>,
-    emulator_quirks: Option<Arc<GuestMemoryMmap>>,
-) {
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let reason = match vcpu.run(&mut io) {
-            Ok(VcpuExit::Interrupted) => continue,
-            // With the in-kernel LAPIC a HLT only reaches us when the vCPU
-            // can never wake again (interrupts off).
-            Ok(VcpuExit::Halt) => {
-                ExitReason::Error(format!("vCPU {id} halted with interrupts off"))
-            }
-            Ok(VcpuExit::Shutdown) => ExitReason::TripleFault,
-            Ok(VcpuExit::SystemEvent(kind)) => {
-                tracing::info!("vCPU {id}: system event {kind}");
-                ExitReason::PowerOff
-            }
-            Ok(VcpuExit::InternalError(_))
-                if emulator_quirks
-                    .as_ref()
-                    .is_some_and(|m| step_over_emulator_gap(&vcpu, m)) =>
-            {
-                continue
-            }
-            Ok(VcpuExit::InternalError(e)) => ExitReason::Error(format!("vCPU {id}: {e}")),
-            Ok(VcpuExit::FailEntry(r)) => ExitReason::Error(format!(
-                "vCPU {id} could not enter the guest (reason {r:#x})"
-            )),
-            Err(e) => ExitReason::Error(format!("vCPU {id}: {e}")),
-        };
-        let _ = exits.send(reason);
-        return;
     }
 }
