@@ -4,7 +4,7 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 ensure_host_packages
-say "building the guest image (cold: ~15 min on 2 cores; warm: seconds)"
+say "building the guest image (cold: ~20 min on 2 cores, two kernel compiles; warm: seconds)"
 IMAGE_DIR=$(guest-image/build.sh)
 say "booting the guest under QEMU and running a container in it"
 BERTH_GUEST_IMAGE_DIR=$IMAGE_DIR BERTH_E2E_REQUIRED=1 \
