@@ -11,14 +11,19 @@
 //!
 //! See `docs/guest-agent-protocol.md` for the port map and examples.
 
+pub mod exec;
 mod frame;
 mod message;
 
+#[cfg(feature = "tokio")]
+pub use exec::{read_exec_frame, write_exec_frame};
+pub use exec::{ExecFrame, ExecFrameError};
 pub use frame::{decode_body, decode_len, encode_frame, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
 pub use frame::{read_frame, write_frame};
 pub use message::{
-    AgentInfo, AgentState, DataDiskState, ErrorCode, Event, Phase, Request, Response,
+    AgentInfo, AgentState, DataDiskState, ErrorCode, Event, ExecRequest, Phase, Request, Response,
+    TermSize,
 };
 
 /// Version of the messages in [`message`]. Bumped on any incompatible change;

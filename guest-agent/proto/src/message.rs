@@ -25,6 +25,37 @@ pub enum Request {
     /// Orderly shutdown: containers stopped, disks flushed, power off.
     /// Answered with [`Response::Ok`] before the shutdown starts.
     Shutdown,
+    /// Runs a process in the guest. Answered with [`Response::Ok`] once it
+    /// started; the connection then carries exec frames (see
+    /// [`crate::exec`]) until the process exits. Added in protocol 1 as an
+    /// optional request: older agents answer `bad_request`.
+    Exec(ExecRequest),
+}
+
+/// A process to run in the guest, as root, in a new session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`. Empty means
+    /// the guest's login shell.
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// Extra environment, `KEY=value`, on top of a minimal default one.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory; `/` if absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Run on a new pseudo-terminal of this size (stdout and stderr are
+    /// then one stream); without it, stdin/stdout/stderr are pipes.
+    #[serde(default)]
+    pub tty: Option<TermSize>,
+}
+
+/// A terminal size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// What the agent answers.
