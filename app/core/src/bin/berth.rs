@@ -1,0 +1,420 @@
+//! `berth`: run Docker in a lightweight VM.
+
+use std::io::{IsTerminal, Read, Seek, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use berth_core::config::{Applies, Config};
+use berth_core::context::{self, ContextOutcome};
+use berth_core::lifecycle::{self, LifecycleError, Started};
+use berth_core::paths::StateDir;
+use berth_core::status::{Status, VmState};
+use clap::{Parser, Subcommand};
+
+/// Exit codes besides 0 (success) and 2 (bad usage, from clap).
+const EXIT_FAILED: u8 = 1;
+const EXIT_NOT_RUNNING: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, about = "Docker in a lightweight VM")]
+struct Cli {
+    /// Which VM (its state lives in <data dir>/berth/<name>).
+    #[arg(long, global = true, default_value = "default", env = "BERTH_VM")]
+    vm: String,
+    /// Guest image directory (default: the installed or built one).
+    #[arg(long, global = true, env = "BERTH_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start the VM and wait until Docker answers.
+    Start,
+    /// Stop the VM in order: containers stopped, disk flushed, power off.
+    Stop {
+        /// Kill the VM if it has not stopped after --timeout seconds.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 15)]
+        timeout: u64,
+    },
+    /// Stop, then start.
+    Restart,
+    /// Show whether the VM runs, with which driver, and where Docker is.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the guest console.
+    Logs {
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(short = 'n', long)]
+        tail: Option<usize>,
+    },
+    /// A shell in the guest, or run one command there and return its exit code.
+    Shell {
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Read or change settings.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
+    /// Run the host agent in the foreground (started by `berth start`).
+    #[command(hide = true)]
+    HostAgent {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        image_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Print one setting, or all.
+    Get { key: Option<String> },
+    /// Change one setting.
+    Set { key: String, value: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::HostAgent {
+        state_dir,
+        image_dir,
+    } = cli.command
+    {
+        return host_agent(state_dir, image_dir);
+    }
+    let state = match StateDir::for_vm(&cli.vm) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start: {e}")),
+    };
+    let image = cli.image_dir.as_deref();
+    match cli.command {
+        Cmd::Start => rt.block_on(start(&state, image)),
+        Cmd::Stop { force, timeout } => rt.block_on(stop(&state, force, timeout)),
+        Cmd::Restart => rt.block_on(async {
+            let c = stop(&state, false, 0).await;
+            if c != ExitCode::SUCCESS {
+                return c;
+            }
+            start(&state, image).await
+        }),
+        Cmd::Status { json } => rt.block_on(status(&state, json)),
+        Cmd::Logs { follow, tail } => logs(&state, follow, tail),
+        Cmd::Shell { command } => rt.block_on(shell(&state, command)),
+        Cmd::Config { action } => rt.block_on(config(&state, action)),
+        Cmd::HostAgent { .. } => unreachable!("handled above"),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("berth: {msg}");
+    ExitCode::from(EXIT_FAILED)
+}
+
+fn host_agent(state_dir: PathBuf, image_dir: PathBuf) -> ExitCode {
+    // Our own session: the terminal that ran `berth start` may close.
+    let _ = nix::unistd::setsid();
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    eprintln!("berth host agent starting (pid {})", std::process::id());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start: {e}")),
+    };
+    match rt.block_on(berth_core::hostagent::run(
+        StateDir::at(state_dir),
+        image_dir,
+    )) {
+        Ok(()) => {
+            eprintln!("berth host agent: stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth host agent: error: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn start(state: &StateDir, image: Option<&std::path::Path>) -> ExitCode {
+    let t0 = Instant::now();
+    let r = lifecycle::start(state, image, |phase| {
+        eprintln!("[{:>5.1}s] {phase}", t0.elapsed().as_secs_f64());
+    })
+    .await;
+    let s = match r {
+        Ok(Started::AlreadyRunning(s)) => {
+            println!(
+                "Berth is already running (driver {}).",
+                s.driver.as_deref().unwrap_or("?")
+            );
+            s
+        }
+        Ok(Started::Now(s)) => {
+            println!(
+                "Berth is running: Docker {} ready in {:.1} s (driver {}).",
+                s.docker_version.as_deref().unwrap_or("?"),
+                s.boot_ms.unwrap_or(0) as f64 / 1000.0,
+                s.driver.as_deref().unwrap_or("?")
+            );
+            s
+        }
+        Err(LifecycleError::StartFailed {
+            reason,
+            console_tail,
+        }) => {
+            eprintln!("berth: the VM failed to start: {reason}");
+            if !console_tail.is_empty() {
+                eprintln!("--- last guest console lines ---\n{console_tail}\n---");
+            }
+            eprintln!(
+                "Nothing is left running. Full logs: {}",
+                state.root.display()
+            );
+            return ExitCode::from(EXIT_FAILED);
+        }
+        Err(e) => return fail(&e.to_string()),
+    };
+    let cfg = Config::load(&state.config()).unwrap_or_default();
+    let socket = PathBuf::from(&s.docker_socket);
+    match context::install(&socket, cfg.switch_docker_context) {
+        ContextOutcome::Ready { current: true } => {
+            println!("The docker context \"berth\" is current: run `docker ps`.")
+        }
+        ContextOutcome::Ready { current: false } => {
+            println!("Use it with `docker --context berth ps` (or `docker context use berth`).")
+        }
+        ContextOutcome::NoDockerCli => println!("Note: {}.", context::INSTALL_HINT),
+        ContextOutcome::Failed(e) => eprintln!("berth: could not set up the docker context: {e}"),
+    }
+    println!(
+        "Docker socket: {}  (or: export DOCKER_HOST=unix://{})",
+        socket.display(),
+        socket.display()
+    );
+    ExitCode::SUCCESS
+}
+
+async fn stop(state: &StateDir, force: bool, timeout: u64) -> ExitCode {
+    let t0 = Instant::now();
+    match lifecycle::stop(state, force, Duration::from_secs(timeout), |p| {
+        eprintln!("[{:>5.1}s] {p}", t0.elapsed().as_secs_f64())
+    })
+    .await
+    {
+        Ok(true) => {
+            println!("Berth stopped.");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("Berth is not running.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+async fn status(state: &StateDir, json: bool) -> ExitCode {
+    let mut s: Status = match lifecycle::status(state).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    s.docker_context = context::current();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "state:          {}{}",
+        s.state,
+        if s.phase != s.state.to_string() {
+            format!(" ({})", s.phase)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(d) = &s.driver {
+        println!("driver:         {d}");
+    }
+    if let Some(r) = &s.driver_reason {
+        println!("  why:          {r}");
+    }
+    if let Some(p) = s.pid {
+        println!("VM process:     {p}");
+    }
+    if let Some(u) = s.uptime_s {
+        println!("uptime:         {u} s");
+    }
+    println!(
+        "resources:      {} CPUs, {} MiB memory, {} GiB disk",
+        s.cpus, s.memory_mib, s.disk_gib
+    );
+    if s.state == VmState::Running {
+        println!(
+            "docker:         {} at {}",
+            s.docker_version.as_deref().unwrap_or("?"),
+            s.docker_socket
+        );
+    }
+    if let Some(b) = s.boot_ms {
+        println!("boot:           {:.1} s to Docker ready", b as f64 / 1000.0);
+    }
+    match &s.docker_context {
+        Some(c) => println!(
+            "docker context: {c}{}",
+            if c == context::CONTEXT {
+                ""
+            } else {
+                " (not berth)"
+            }
+        ),
+        None => println!("docker context: none ({})", context::INSTALL_HINT),
+    }
+    if let Some(e) = &s.error {
+        println!("last error:     {e}");
+    }
+    println!("state dir:      {}", s.state_dir);
+    ExitCode::SUCCESS
+}
+
+fn logs(state: &StateDir, follow: bool, tail: Option<usize>) -> ExitCode {
+    let path = state.console_log();
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            return fail(&format!(
+                "no console log at {} ({e}); has the VM been started?",
+                path.display()
+            ))
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if let Some(n) = tail {
+        let _ = writeln!(out, "{}", lifecycle::tail(&path, n));
+        let _ = f.seek(std::io::SeekFrom::End(0));
+    } else if std::io::copy(&mut f, &mut out).is_err() {
+        return ExitCode::SUCCESS;
+    }
+    if !follow {
+        return ExitCode::SUCCESS;
+    }
+    let _ = out.flush();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => {
+                // A new boot replaces the file: follow the new one.
+                let replaced = std::fs::metadata(&path)
+                    .ok()
+                    .zip(f.metadata().ok())
+                    .is_some_and(|(a, b)| {
+                        use std::os::unix::fs::MetadataExt;
+                        a.ino() != b.ino()
+                    });
+                if replaced {
+                    if let Ok(n) = std::fs::File::open(&path) {
+                        f = n;
+                        continue;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(n) => {
+                if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Err(e) => return fail(&e.to_string()),
+        }
+    }
+}
+
+async fn shell(state: &StateDir, command: Vec<String>) -> ExitCode {
+    match lifecycle::agent_status(state).await {
+        Some(s) if s.state == VmState::Running => {}
+        _ => {
+            eprintln!("berth: Berth is not running; start it with `berth start`");
+            return ExitCode::from(EXIT_NOT_RUNNING);
+        }
+    }
+    match berth_core::shell::run(&state.vsock_sock(), command).await {
+        Ok(code) => {
+            let _ = std::io::stdout().flush();
+            // The stdin reader may be blocked in read(2): leave now.
+            std::process::exit(code)
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+async fn config(state: &StateDir, action: ConfigCmd) -> ExitCode {
+    let mut cfg = match Config::load(&state.config()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    match action {
+        ConfigCmd::Get { key: Some(k) } => match cfg.get(&k) {
+            Ok(v) => println!("{v}"),
+            Err(e) => return fail(&e.to_string()),
+        },
+        ConfigCmd::Get { key: None } => {
+            for k in berth_core::config::KEYS.split(", ") {
+                println!("{k} = {}", cfg.get(k).unwrap_or_default());
+            }
+        }
+        ConfigCmd::Set { key, value } => {
+            let disk = std::fs::metadata(state.data_disk())
+                .ok()
+                .map(|m| m.len() >> 30);
+            let applies = match cfg.set(&key, &value, disk) {
+                Ok(a) => a,
+                Err(e) => return fail(&e.to_string()),
+            };
+            if let Err(e) = state
+                .create()
+                .map_err(|e| e.to_string())
+                .and_then(|_| cfg.save(&state.config()).map_err(|e| e.to_string()))
+            {
+                return fail(&e);
+            }
+            let running = lifecycle::agent_status(state).await.is_some();
+            match (applies, running) {
+                (Applies::NextStart, true) => println!(
+                    "{key} = {value}; Berth is running: this takes effect after `berth restart`."
+                ),
+                _ => println!("{key} = {value}"),
+            }
+        }
+    }
+    let _ = std::io::stdin().is_terminal();
+    ExitCode::SUCCESS
+}

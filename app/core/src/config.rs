@@ -1,0 +1,287 @@
+//! A VM's settings (`config.toml` in its state directory).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::driver::DriverChoice;
+
+/// Errors reading, validating or changing settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("unknown setting {0:?}; settings are: {KEYS}")]
+    UnknownKey(String),
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Names `berth config get|set` accepts.
+pub const KEYS: &str = "cpus, memory_mib, disk_gib, cmdline_extra, driver, switch_docker_context";
+
+/// Settings of one VM. Every field has a default, so a missing or partial
+/// file is fine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Virtual CPUs.
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Size of the data disk (Docker's images, containers, volumes). It is
+    /// sparse: only what is used takes space. It can grow, never shrink.
+    pub disk_gib: u64,
+    /// Words appended to the guest kernel command line.
+    pub cmdline_extra: String,
+    /// Which machine driver runs the VM.
+    pub driver: DriverChoice,
+    /// Make the `berth` docker context the current one on start.
+    pub switch_docker_context: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cpus: 2,
+            memory_mib: 2048,
+            disk_gib: 64,
+            cmdline_extra: String::new(),
+            driver: DriverChoice::Auto,
+            switch_docker_context: true,
+        }
+    }
+}
+
+/// Whether a change applies now or at the next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applies {
+    Now,
+    NextStart,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Writes the file atomically (temp file + fsync + rename).
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        use std::io::Write;
+        let err = |source| ConfigError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = toml::to_string(self).expect("config serializes");
+        let tmp = path.with_extension("toml.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.cpus == 0 || self.cpus as usize > host_cpus.max(1) * 4 || self.cpus > 64 {
+            return Err(ConfigError::Invalid {
+                key: "cpus",
+                message: format!(
+                    "{} is out of range 1..={}",
+                    self.cpus,
+                    (host_cpus * 4).min(64)
+                ),
+            });
+        }
+        let host_mib = host_memory_mib();
+        if self.memory_mib < 512 || self.memory_mib > host_mib {
+            return Err(ConfigError::Invalid {
+                key: "memory_mib",
+                message: format!(
+                    "{} MiB is out of range 512..={host_mib} (this host's memory)",
+                    self.memory_mib
+                ),
+            });
+        }
+        if !(4..=16384).contains(&self.disk_gib) {
+            return Err(ConfigError::Invalid {
+                key: "disk_gib",
+                message: format!("{} GiB is out of range 4..=16384", self.disk_gib),
+            });
+        }
+        if self.cmdline_extra.len() > 1024
+            || self
+                .cmdline_extra
+                .chars()
+                .any(|c| c.is_control() || !c.is_ascii())
+        {
+            return Err(ConfigError::Invalid {
+                key: "cmdline_extra",
+                message: "must be printable ASCII on one line, at most 1024 bytes".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> Result<String, ConfigError> {
+        Ok(match key {
+            "cpus" => self.cpus.to_string(),
+            "memory_mib" => self.memory_mib.to_string(),
+            "disk_gib" => self.disk_gib.to_string(),
+            "cmdline_extra" => self.cmdline_extra.clone(),
+            "driver" => self.driver.to_string(),
+            "switch_docker_context" => self.switch_docker_context.to_string(),
+            other => return Err(ConfigError::UnknownKey(other.to_owned())),
+        })
+    }
+
+    /// Changes one setting, validating it. `current_disk_gib` is the size of
+    /// the existing data disk, if any: disks grow but never shrink.
+    pub fn set(
+        &mut self,
+        key: &str,
+        value: &str,
+        current_disk_gib: Option<u64>,
+    ) -> Result<Applies, ConfigError> {
+        fn num<T: std::str::FromStr>(key: &'static str, v: &str) -> Result<T, ConfigError> {
+            v.trim().parse().map_err(|_| ConfigError::Invalid {
+                key,
+                message: format!("{v:?} is not a whole number"),
+            })
+        }
+        let mut next = self.clone();
+        let applies = match key {
+            "cpus" => {
+                next.cpus = num("cpus", value)?;
+                Applies::NextStart
+            }
+            "memory_mib" => {
+                next.memory_mib = num("memory_mib", value)?;
+                Applies::NextStart
+            }
+            "disk_gib" => {
+                next.disk_gib = num("disk_gib", value)?;
+                if let Some(cur) = current_disk_gib {
+                    if next.disk_gib < cur {
+                        return Err(ConfigError::Invalid {
+                            key: "disk_gib",
+                            message: format!(
+                                "the data disk is {cur} GiB and cannot shrink (nothing would be lost only if it were empty)"
+                            ),
+                        });
+                    }
+                }
+                Applies::NextStart
+            }
+            "cmdline_extra" => {
+                next.cmdline_extra = value.to_owned();
+                Applies::NextStart
+            }
+            "driver" => {
+                next.driver = value.parse().map_err(|message| ConfigError::Invalid {
+                    key: "driver",
+                    message,
+                })?;
+                Applies::NextStart
+            }
+            "switch_docker_context" => {
+                next.switch_docker_context =
+                    value.trim().parse().map_err(|_| ConfigError::Invalid {
+                        key: "switch_docker_context",
+                        message: format!("{value:?} is not true or false"),
+                    })?;
+                Applies::Now
+            }
+            other => return Err(ConfigError::UnknownKey(other.to_owned())),
+        };
+        next.validate()?;
+        *self = next;
+        Ok(applies)
+    }
+}
+
+/// Total memory of this host in MiB (from /proc/meminfo; a generous guess
+/// where that is missing).
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(16 * 1024, |kib| kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let d = std::env::temp_dir().join(format!("berth-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("config.toml");
+        assert_eq!(Config::load(&p).unwrap(), Config::default());
+        let mut c = Config::default();
+        assert_eq!(c.set("cpus", "1", None).unwrap(), Applies::NextStart);
+        assert_eq!(c.set("driver", "qemu", None).unwrap(), Applies::NextStart);
+        c.save(&p).unwrap();
+        assert_eq!(Config::load(&p).unwrap(), c);
+        std::fs::write(&p, "cpus = 2\nmemory_mib = 1024\n").unwrap();
+        assert_eq!(Config::load(&p).unwrap().memory_mib, 1024);
+        std::fs::write(&p, "cpuz = 2\n").unwrap();
+        assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_refused_and_leave_config_unchanged() {
+        let mut c = Config::default();
+        for (k, v) in [
+            ("cpus", "0"),
+            ("cpus", "many"),
+            ("memory_mib", "100"),
+            ("memory_mib", "99999999"),
+            ("disk_gib", "1"),
+            ("cmdline_extra", "a\nb"),
+            ("driver", "vbox"),
+            ("switch_docker_context", "maybe"),
+        ] {
+            assert!(c.set(k, v, None).is_err(), "{k}={v}");
+        }
+        assert!(matches!(
+            c.set("colour", "x", None),
+            Err(ConfigError::UnknownKey(_))
+        ));
+        assert!(c.set("disk_gib", "32", Some(64)).is_err());
+        assert_eq!(c, Config::default());
+    }
+}

@@ -1,0 +1,118 @@
+//! The `qemu` driver: `qemu-system-x86_64 -M microvm` with Berth's vsock
+//! backend attached over vhost-user.
+
+use std::process::Stdio;
+
+use super::{wait_for_socket, Accel, Driver, DriverError, Machine, MachineSpec};
+use crate::paths::{find_on_path, helper_binary};
+
+pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, DriverError> {
+    let qemu = find_on_path("qemu-system-x86_64").ok_or(DriverError::NoQemu)?;
+    let vmm = helper_binary("berth-vmm", "BERTH_VMM")?;
+    let st = &spec.state;
+    let vhost = st.vhost_vsock_sock();
+    for s in [&vhost, &st.vsock_sock()] {
+        let _ = std::fs::remove_file(s);
+    }
+    let log = || -> Result<Stdio, DriverError> {
+        Ok(std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(st.host_agent_log())
+            .map_err(|source| DriverError::Spawn {
+                what: "the log file",
+                source,
+            })?
+            .into())
+    };
+
+    let mut backend = tokio::process::Command::new(&vmm)
+        .args(["vhost-user", "vsock", "--socket"])
+        .arg(&vhost)
+        .arg("--uds")
+        .arg(st.vsock_sock())
+        .stdin(Stdio::null())
+        .stdout(log()?)
+        .stderr(log()?)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| DriverError::Spawn {
+            what: "berth-vmm vhost-user vsock",
+            source,
+        })?;
+    wait_for_socket(&mut backend, &vhost, "berth-vmm vhost-user vsock").await?;
+
+    let mem = format!("{}M", spec.memory_mib);
+    let mut cmd = tokio::process::Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        // The guest's reboot/poweroff ends QEMU through this controller.
+        "-device",
+        "i8042",
+        "-device",
+        "virtio-rng-device",
+    ]);
+    match accel {
+        Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+        // Single-threaded TCG was the reliable setting in our trials.
+        Accel::Tcg => cmd.args(["-accel", "tcg,thread=single", "-cpu", "max"]),
+    };
+    cmd.arg("-smp")
+        .arg(spec.cpus.to_string())
+        .arg("-m")
+        .arg(&mem)
+        // vhost-user needs guest memory the backend can map.
+        .arg("-object")
+        .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
+        .args(["-machine", "memory-backend=mem"])
+        .arg("-chardev")
+        .arg(format!("file,id=con0,path={}", st.console_log().display()))
+        .args(["-serial", "chardev:con0"])
+        .arg("-monitor")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            st.qemu_monitor().display()
+        ))
+        .arg("-chardev")
+        .arg(format!("socket,id=vsock0,path={}", vhost.display()))
+        .args(["-device", "vhost-user-vsock-device,chardev=vsock0"])
+        .arg("-kernel")
+        .arg(&spec.image.kernel)
+        .arg("-append")
+        .arg(spec.cmdline());
+    let disks = [(&spec.image.rootfs, true), (&st.data_disk(), false)];
+    for (i, (path, ro)) in disks.iter().enumerate() {
+        cmd.arg("-drive").arg(format!(
+            "id=d{i},file={},format=raw,if=none,readonly={},discard=unmap,cache=writeback",
+            path.display(),
+            if *ro { "on" } else { "off" }
+        ));
+        cmd.arg("-device")
+            .arg(format!("virtio-blk-device,drive=d{i}"));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log()?)
+        .stderr(log()?)
+        .kill_on_drop(true);
+    let main = match cmd.spawn() {
+        Ok(c) => c,
+        Err(source) => {
+            let _ = backend.kill().await;
+            return Err(DriverError::Spawn {
+                what: "qemu-system-x86_64",
+                source,
+            });
+        }
+    };
+    Ok(Machine {
+        driver: Driver::Qemu(accel),
+        main,
+        helpers: vec![backend],
+    })
+}

@@ -1,0 +1,440 @@
+//! The host agent: one detached process per VM that owns its life.
+//!
+//! It takes the state directory's lock, starts the driver, waits for the
+//! guest agent and dockerd, forwards `docker.sock`, serves `agent.sock`
+//! ([`api`]), and on `stop` (or SIGTERM) asks the guest for an orderly
+//! shutdown. When the VM process ends, for whatever reason, it removes the
+//! sockets, releases the lock and exits.
+
+mod api;
+pub mod forward;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use berth_proto::Phase;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::driver::{self, Image, Machine, MachineSpec};
+use crate::guest::GuestClient;
+use crate::paths::StateDir;
+use crate::status::{Status, VmState};
+
+/// How long a boot may take before it is declared failed. TCG boots take
+/// ~25 s here; a loaded machine can take several times that.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long `berth start` waits for the host agent to report the VM running.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(630);
+
+/// How long the guest gets for its orderly shutdown after `stop` before the
+/// VM process is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Requests from the API and signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Stop,
+    Kill,
+}
+
+/// State shared between the lifecycle task and the API.
+#[derive(Debug)]
+pub struct Shared {
+    status: Mutex<Status>,
+    started: Mutex<Option<Instant>>,
+    command: Mutex<Option<Command>>,
+    notify: Notify,
+}
+
+impl Shared {
+    fn snapshot(&self) -> Status {
+        let mut s = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.uptime_s = self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed().as_secs());
+        s
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn phase(&self, state: VmState, phase: &str) {
+        tracing::info!("{phase}");
+        self.update(|s| {
+            s.state = state;
+            s.phase = phase.to_owned();
+        });
+    }
+
+    fn request(&self, c: Command) {
+        let mut cur = self.command.lock().unwrap_or_else(|e| e.into_inner());
+        // Kill wins over stop; nothing downgrades it.
+        if *cur != Some(Command::Kill) {
+            *cur = Some(c);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<Command> {
+        self.command
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Waits for the next command and consumes it.
+    async fn next_command(&self) -> Command {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(c) = self.take() {
+                return c;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until a kill is asked for (further stops change nothing).
+    async fn kill_requested(&self) {
+        while self.next_command().await != Command::Kill {}
+    }
+}
+
+/// Takes the state directory's lock without waiting. The lock is an
+/// advisory `flock` on `lock`, released by the kernel when the holder
+/// exits, however it exits.
+pub fn try_lock(state: &StateDir) -> anyhow::Result<Option<Flock<File>>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(state.lock())
+        .with_context(|| format!("opening {}", state.lock().display()))?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => bail!("locking {}: {e}", state.lock().display()),
+    }
+}
+
+/// Creates the sparse data disk, or grows it to `gib`.
+fn prepare_data_disk(path: &Path, gib: u64) -> anyhow::Result<()> {
+    let want = gib << 30;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening the data disk {}", path.display()))?;
+    let have = f.metadata()?.len();
+    if have < want {
+        f.set_len(want)
+            .with_context(|| format!("sizing the data disk {}", path.display()))?;
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Runs the host agent for the VM in `state` until the VM ends.
+pub async fn run(state: StateDir, image_dir: PathBuf) -> anyhow::Result<()> {
+    state.create()?;
+    let Some(mut lock) = try_lock(&state)? else {
+        bail!(
+            "another Berth host agent holds {} (the VM is running or starting)",
+            state.lock().display()
+        );
+    };
+    let _ = lock.set_len(0);
+    let _ = writeln!(&mut *lock, "{}", std::process::id());
+
+    let cfg = Config::load(&state.config())?;
+    let sel = driver::select(cfg.driver)?;
+    let image = Image::load(&image_dir)?;
+    tracing::info!(driver = %sel.driver, reason = %sel.reason, "driver selected");
+
+    let shared = Arc::new(Shared {
+        status: Mutex::new(Status {
+            state: VmState::Starting,
+            phase: "preparing".into(),
+            driver: Some(sel.driver.to_string()),
+            driver_reason: Some(sel.reason.clone()),
+            pid: None,
+            host_agent_pid: Some(std::process::id()),
+            uptime_s: None,
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            disk_gib: cfg.disk_gib,
+            docker_socket: state.docker_sock().display().to_string(),
+            docker_version: None,
+            boot_ms: None,
+            docker_context: None,
+            state_dir: state.root.display().to_string(),
+            error: None,
+        }),
+        started: Mutex::new(None),
+        command: Mutex::new(None),
+        notify: Notify::new(),
+    });
+
+    for s in state.sockets() {
+        let _ = std::fs::remove_file(s);
+    }
+    let api_listener = UnixListener::bind(state.agent_sock())
+        .with_context(|| format!("listening on {}", state.agent_sock().display()))?;
+    let api_task = tokio::spawn(api::serve(api_listener, shared.clone()));
+    let signals = tokio::spawn(forward_signals(shared.clone()));
+
+    let result = lifecycle(&state, &cfg, sel.driver, image, &shared).await;
+    if let Err(e) = &result {
+        shared.update(|s| s.error = Some(format!("{e:#}")));
+    }
+    shared.phase(VmState::Stopped, "stopped");
+    api_task.abort();
+    signals.abort();
+    for s in state.sockets() {
+        let _ = std::fs::remove_file(s);
+    }
+    let _ = lock.set_len(0);
+    drop(lock);
+    result
+}
+
+async fn forward_signals(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => shared.request(Command::Stop),
+            _ = int.recv() => shared.request(Command::Stop),
+            // A closed terminal is no reason to stop the VM.
+            _ = hup.recv() => {}
+        }
+    }
+}
+
+async fn lifecycle(
+    state: &StateDir,
+    cfg: &Config,
+    driver: driver::Driver,
+    image: Image,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<()> {
+    prepare_data_disk(&state.data_disk(), cfg.disk_gib)?;
+    // Keep the previous boot's console for post-mortems.
+    let _ = std::fs::rename(state.console_log(), state.root.join("console.log.1"));
+    let spec = MachineSpec {
+        image,
+        state: state.clone(),
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        cmdline_extra: cfg.cmdline_extra.clone(),
+    };
+    shared.phase(VmState::Starting, &format!("starting the VM ({driver})"));
+    let t0 = Instant::now();
+    let mut machine = Machine::launch(driver, &spec).await?;
+    shared.update(|s| s.pid = machine.pid());
+    *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
+
+    let outcome = tokio::select! {
+        r = boot(state, shared, t0) => r.map(|_| None),
+        st = machine.wait() => Ok(Some(st)),
+        c = shared.next_command() => Err(anyhow::anyhow!("start cancelled ({c:?})")),
+    };
+    let forwarder = match outcome {
+        Ok(None) => {
+            let listener = bind_private(&state.docker_sock())?;
+            let stats = Arc::new(forward::ForwardStats::default());
+            let task = tokio::spawn(forward::serve(
+                listener,
+                state.vsock_sock(),
+                berth_proto::DOCKER_PORT,
+                stats,
+            ));
+            shared.update(|s| s.boot_ms = Some(t0.elapsed().as_millis() as u64));
+            shared.phase(VmState::Running, "running");
+            Some(task)
+        }
+        Ok(Some(st)) => {
+            machine.stop_helpers().await;
+            bail!("the VM process exited during boot ({})", describe(st?));
+        }
+        Err(e) => {
+            machine.kill().await;
+            return Err(e);
+        }
+    };
+
+    let result = tokio::select! {
+        st = machine.wait() => {
+            let st = st?;
+            if st.success() {
+                tracing::info!("the guest powered off");
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("the VM process ended unexpectedly ({})", describe(st)))
+            }
+        }
+        c = shared.next_command() => {
+            stop(state, shared, &mut machine, c).await
+        }
+    };
+    if let Some(f) = forwarder {
+        f.abort();
+    }
+    machine.stop_helpers().await;
+    result
+}
+
+/// Orderly or forced stop.
+async fn stop(
+    state: &StateDir,
+    shared: &Arc<Shared>,
+    machine: &mut Machine,
+    first: Command,
+) -> anyhow::Result<()> {
+    if first == Command::Stop {
+        shared.phase(VmState::Stopping, "stopping: containers, then power off");
+        let asked = async {
+            let mut g = GuestClient::connect(&state.vsock_sock(), "berth-host-agent").await?;
+            g.shutdown().await
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(10), asked).await {
+            tracing::warn!("asking the guest to shut down failed ({e}); killing the VM");
+        } else {
+            let done = tokio::select! {
+                st = tokio::time::timeout(STOP_TIMEOUT, machine.wait()) => st.ok(),
+                _ = shared.kill_requested() => None,
+            };
+            if let Some(st) = done {
+                let st = st?;
+                tracing::info!("the guest powered off ({})", describe(st));
+                return Ok(());
+            }
+        }
+    }
+    shared.phase(VmState::Stopping, "killing the VM process");
+    machine.kill().await;
+    Ok(())
+}
+
+/// Polls the guest agent until dockerd is ready.
+async fn boot(state: &StateDir, shared: &Arc<Shared>, t0: Instant) -> anyhow::Result<()> {
+    let deadline = t0 + BOOT_TIMEOUT;
+    shared.phase(VmState::Starting, "booting the guest");
+    let mut client = loop {
+        match GuestClient::connect(&state.vsock_sock(), "berth-host-agent").await {
+            Ok(c) => break c,
+            Err(e) => {
+                if Instant::now() > deadline {
+                    bail!("the guest agent did not answer within {BOOT_TIMEOUT:?}: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    if let Err(e) = client.set_clock_now().await {
+        tracing::warn!("setting the guest clock failed: {e}");
+    }
+    let mut last = None;
+    loop {
+        let st = client.state().await?;
+        if last != Some(st.phase) {
+            last = Some(st.phase);
+            match st.phase {
+                Phase::Booting => shared.phase(VmState::Starting, "preparing the data disk"),
+                Phase::StartingDocker => shared.phase(VmState::Starting, "starting Docker"),
+                Phase::Ready => break,
+                Phase::Failed => bail!(
+                    "the guest could not start Docker: {}",
+                    st.error.unwrap_or_else(|| "no reason given".into())
+                ),
+                Phase::ShuttingDown => bail!("the guest is shutting down"),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("Docker did not become ready within {BOOT_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Ready per the agent; ask dockerd itself through the same path users take.
+    let stream = crate::vsock::connect(&state.vsock_sock(), berth_proto::DOCKER_PORT).await?;
+    let (code, body) =
+        crate::http::request_on(stream, hyper::Method::GET, "/version", None).await?;
+    if !code.is_success() {
+        bail!("dockerd answered /version with {code}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    shared.update(|s| s.docker_version = v["Version"].as_str().map(str::to_owned));
+    Ok(())
+}
+
+/// Binds a unix socket only its owner may use (0600; the directory is 0700).
+fn bind_private(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+fn describe(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => st.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_is_exclusive_and_released_on_drop() {
+        let d = std::env::temp_dir().join(format!("berth-lock-{}", std::process::id()));
+        let st = StateDir::at(&d);
+        st.create().unwrap();
+        let a = try_lock(&st).unwrap().expect("first lock");
+        assert!(try_lock(&st).unwrap().is_none(), "second lock must fail");
+        drop(a);
+        assert!(try_lock(&st).unwrap().is_some());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn data_disk_is_sparse_and_only_grows() {
+        let d = std::env::temp_dir().join(format!("berth-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("data.img");
+        prepare_data_disk(&p, 8).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 8 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert!(m.blocks() * 512 < 1 << 20, "not sparse");
+        prepare_data_disk(&p, 4).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8 << 30);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
