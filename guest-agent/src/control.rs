@@ -9,20 +9,24 @@ use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::exec;
+use crate::reaper::Reaper;
 use crate::state::{Shared, ShutdownCause};
 
 /// Oldest client protocol version the agent still speaks.
 const MIN_PROTOCOL: u32 = 1;
 
 /// Serves one control connection until the peer closes it or sends
-/// something malformed (answered with an error, then closed).
-pub async fn serve<S>(mut stream: S, shared: Arc<Shared>, kernel_release: &str)
+/// something malformed (answered with an error, then closed). An `exec`
+/// that starts takes the connection over: it is closed when the process
+/// has exited and its exit was sent.
+pub async fn serve<S>(mut stream: S, shared: Arc<Shared>, reaper: Arc<Reaper>, kernel_release: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        let reply = match read_frame::<Request, _>(&mut stream).await {
-            Ok(req) => handle(req, &shared, kernel_release),
+        let handled = match read_frame::<Request, _>(&mut stream).await {
+            Ok(req) => handle(req, &shared, &reaper, kernel_release),
             Err(FrameError::Closed) => return,
             Err(FrameError::Io(e)) => {
                 tracing::debug!("control connection failed: {e}");
@@ -37,23 +41,44 @@ where
                 return;
             }
         };
-        if write_frame(&mut stream, &reply).await.is_err() {
-            return;
+        match handled {
+            Handled::Reply(reply) => {
+                if write_frame(&mut stream, &reply).await.is_err() {
+                    return;
+                }
+            }
+            Handled::Exec(mut session) => {
+                if write_frame(&mut stream, &Response::Ok).await.is_err() {
+                    session.kill().await;
+                    return;
+                }
+                session.run(stream).await;
+                return;
+            }
         }
     }
 }
 
-/// Answers one request.
-pub fn handle(req: Request, shared: &Shared, kernel_release: &str) -> Response {
-    match req {
+/// What a request leads to.
+#[derive(Debug)]
+pub enum Handled {
+    /// One response, then the next request.
+    Reply(Response),
+    /// A started process that takes over the connection.
+    Exec(exec::Session),
+}
+
+/// Carries out one request.
+pub fn handle(req: Request, shared: &Shared, reaper: &Reaper, kernel_release: &str) -> Handled {
+    let reply = match req {
         Request::Hello { protocol, client } => {
             if protocol < MIN_PROTOCOL {
-                return Response::Error {
+                return Handled::Reply(Response::Error {
                     code: ErrorCode::UnsupportedVersion,
                     message: format!(
                         "protocol {protocol} is too old; this agent speaks {MIN_PROTOCOL}..={PROTOCOL_VERSION}"
                     ),
-                };
+                });
             }
             tracing::debug!("control client {client:?} connected (protocol {protocol})");
             Response::Hello(AgentInfo {
@@ -81,7 +106,18 @@ pub fn handle(req: Request, shared: &Shared, kernel_release: &str) -> Response {
             shared.request_shutdown(ShutdownCause::Request);
             Response::Ok
         }
-    }
+        Request::Exec(req) => match exec::start(reaper, req) {
+            Ok(session) => return Handled::Exec(session),
+            Err(e) => {
+                tracing::debug!("exec refused: {e}");
+                Response::Error {
+                    code: ErrorCode::Failed,
+                    message: e.to_string(),
+                }
+            }
+        },
+    };
+    Handled::Reply(reply)
 }
 
 #[cfg(test)]
@@ -92,8 +128,9 @@ mod tests {
 
     async fn roundtrip(input: Vec<u8>) -> (Vec<Response>, Arc<Shared>) {
         let shared = Shared::new();
+        let reaper = Reaper::start_own_children().unwrap();
         let (mut client, server) = tokio::io::duplex(4096);
-        let task = tokio::spawn(serve(server, shared.clone(), "6.1.0-test"));
+        let task = tokio::spawn(serve(server, shared.clone(), reaper, "6.1.0-test"));
         client.write_all(&input).await.unwrap();
         client.shutdown().await.unwrap();
         let mut out = Vec::new();

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -24,7 +25,47 @@ pub enum ApiError {
     Status(StatusCode, String),
 }
 
-/// One request to dockerd; returns status and the whole body.
+/// One HTTP/1.1 connection to dockerd, kept alive across requests.
+#[derive(Debug)]
+pub struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    pub async fn open(socket: &str) -> Result<Connection, ApiError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| ApiError::Connect(socket.to_owned(), e))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(Connection { sender })
+    }
+
+    /// Sends one request and reads the whole answer; the connection can
+    /// carry the next one afterwards.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ApiError> {
+        self.sender.ready().await?;
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("Host", "docker")
+            .header("Content-Type", content_type)
+            .body(Full::new(body))?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// One request to dockerd on a new connection; returns status and the
+/// whole body.
 pub async fn call(
     socket: &str,
     method: Method,
@@ -34,22 +75,8 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ApiError> {
     let fut = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| ApiError::Connect(socket.to_owned(), e))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("Host", "docker")
-            .header("Content-Type", content_type)
-            .body(Full::new(body))?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        let mut conn = Connection::open(socket).await?;
+        conn.send(method, path, content_type, body).await
     };
     tokio::time::timeout(timeout, fut)
         .await

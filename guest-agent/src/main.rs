@@ -1,7 +1,11 @@
 //! berth-agent: PID 1 of Berth's guest. It mounts the filesystems, prepares
 //! the data disk, runs containerd and dockerd, serves the host over vsock and
 //! powers the guest off in order. See this crate's README.md.
+//!
+//! Run as an ordinary program (not PID 1) it only offers tools for the
+//! host, e.g. `berth-agent bench-ping <N>` through `exec`.
 
+mod bench;
 mod cmdline;
 mod console;
 mod control;
@@ -9,6 +13,7 @@ mod daemons;
 mod datadisk;
 mod docker_api;
 mod events;
+mod exec;
 mod init;
 mod process;
 mod reaper;
@@ -29,9 +34,18 @@ use crate::reaper::Reaper;
 use crate::state::{Shared, ShutdownCause};
 
 fn main() {
+    let pid1 = nix::unistd::getpid().as_raw() == 1;
+    // PID 1 gets the kernel command line's leftover words as arguments, so
+    // only an ordinary process looks at them.
+    if !pid1 {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        if args.first().map(String::as_str) == Some("bench-ping") {
+            std::process::exit(bench::main(&args[1..]));
+        }
+    }
     console::milestone("agent-start", &[("version", env!("CARGO_PKG_VERSION"))]);
-    if nix::unistd::getpid().as_raw() != 1 {
-        eprintln!("berth-agent: must run as PID 1 of the Berth guest (it mounts filesystems and powers the machine off)");
+    if !pid1 {
+        eprintln!("berth-agent: must run as PID 1 of the Berth guest (it mounts filesystems and powers the machine off); as a program it only knows `bench-ping <N>`");
         std::process::exit(2);
     }
     tracing_subscriber::fmt()
@@ -84,7 +98,12 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
     let settings = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let kernel = init::kernel_release();
     events::start();
-    vsock::start(shared.clone(), kernel.clone(), settings.echo);
+    vsock::start(
+        shared.clone(),
+        reaper.clone(),
+        kernel.clone(),
+        settings.echo,
+    );
     init::set_hostname(&settings.hostname)?;
     let lo = tokio::spawn({
         let reaper = reaper.clone();

@@ -4,6 +4,10 @@
 //! must reap with `waitpid(-1)`. That would steal exit statuses from any
 //! other waiter, so all children the agent starts go through [`Reaper::spawn`]
 //! and learn their exit from it; exits of orphans are simply collected.
+//!
+//! Unit tests are not PID 1 and share their process with code that waits
+//! for its own children, so they use a reaper that only waits for the
+//! children it spawned ([`Reaper::start_own_children`]).
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
@@ -40,12 +44,27 @@ impl std::fmt::Display for Exit {
 #[derive(Debug, Default)]
 pub struct Reaper {
     waiting: Mutex<HashMap<i32, oneshot::Sender<Exit>>>,
+    /// Wait only for the registered children instead of `waitpid(-1)`.
+    own_children_only: bool,
 }
 
 impl Reaper {
     /// Starts reaping on SIGCHLD. Must run before any child is spawned.
     pub fn start() -> std::io::Result<Arc<Reaper>> {
-        let reaper = Arc::new(Reaper::default());
+        Self::start_with(Reaper::default())
+    }
+
+    /// A reaper that leaves other children alone, for tests.
+    #[cfg(test)]
+    pub fn start_own_children() -> std::io::Result<Arc<Reaper>> {
+        Self::start_with(Reaper {
+            own_children_only: true,
+            ..Reaper::default()
+        })
+    }
+
+    fn start_with(reaper: Reaper) -> std::io::Result<Arc<Reaper>> {
+        let reaper = Arc::new(reaper);
         let mut sigchld = signal(SignalKind::child())?;
         let r = reaper.clone();
         tokio::spawn(async move {
@@ -72,16 +91,37 @@ impl Reaper {
 
     fn reap_all(&self) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if self.own_children_only {
+            let pids: Vec<i32> = waiting.keys().copied().collect();
+            for pid in pids {
+                if let Some((_, exit)) = reap(Pid::from_raw(pid)) {
+                    if let Some(tx) = waiting.remove(&pid) {
+                        let _ = tx.send(exit);
+                    }
+                }
+            }
+            return;
+        }
         loop {
-            let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig as i32)),
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(_) => continue,
+            let Some((pid, exit)) = reap(Pid::from_raw(-1)) else {
+                return;
             };
             if let Some(tx) = waiting.remove(&pid.as_raw()) {
                 let _ = tx.send(exit);
             }
         }
+    }
+}
+
+/// One non-blocking `waitpid`; `None` when nothing (more) has ended.
+fn reap(which: Pid) -> Option<(Pid, Exit)> {
+    loop {
+        return match waitpid(which, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => Some((pid, Exit::Code(code))),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => Some((pid, Exit::Signal(sig as i32))),
+            Ok(WaitStatus::StillAlive) | Err(_) => None,
+            // Stops and continues are not ends; look again.
+            Ok(_) => continue,
+        };
     }
 }

@@ -9,6 +9,7 @@ use tokio::net::UnixStream;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 use crate::daemons::DOCKER_SOCKET;
+use crate::reaper::Reaper;
 use crate::state::Shared;
 
 /// How long a Docker-port connection made during boot waits for dockerd.
@@ -16,7 +17,7 @@ const READY_WAIT: Duration = Duration::from_secs(120);
 
 /// Binds both ports and serves them in the background. Without a vsock
 /// device (e.g. a console-only self-test boot) this logs and returns.
-pub fn start(shared: Arc<Shared>, kernel_release: String, echo: bool) {
+pub fn start(shared: Arc<Shared>, reaper: Arc<Reaper>, kernel_release: String, echo: bool) {
     if echo {
         start_echo();
     }
@@ -28,9 +29,10 @@ pub fn start(shared: Arc<Shared>, kernel_release: String, echo: bool) {
                     match listener.accept().await {
                         Ok((stream, _)) => {
                             let shared = shared.clone();
+                            let reaper = reaper.clone();
                             let kr = kernel_release.clone();
                             tokio::spawn(async move {
-                                crate::control::serve(stream, shared, &kr).await
+                                crate::control::serve(stream, shared, reaper, &kr).await
                             });
                         }
                         Err(e) => accept_failed(CONTROL_PORT, e).await,

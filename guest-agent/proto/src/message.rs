@@ -175,4 +175,28 @@ mod tests {
             r#"{"type":"error","code":"bad_request","message":"x"}"#
         );
     }
+
+    /// The form shown in docs/guest-agent-protocol.md; absent fields take
+    /// their defaults.
+    #[test]
+    fn exec_request_wire_format() {
+        let req = Request::Exec(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["FOO=bar".into()],
+            cwd: Some("/root".into()),
+            tty: Some(TermSize { rows: 24, cols: 80 }),
+        });
+        let json = r#"{"type":"exec","argv":["sh","-c","echo hi"],"env":["FOO=bar"],"cwd":"/root","tty":{"rows":24,"cols":80}}"#;
+        assert_eq!(serde_json::to_string(&req).unwrap(), json);
+        assert_eq!(serde_json::from_str::<Request>(json).unwrap(), req);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"type":"exec"}"#).unwrap(),
+            Request::Exec(ExecRequest {
+                argv: Vec::new(),
+                env: Vec::new(),
+                cwd: None,
+                tty: None,
+            })
+        );
+    }
 }
