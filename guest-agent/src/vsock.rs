@@ -6,9 +6,32 @@ use std::time::Duration;
 use berth_proto::{Phase, CONTROL_PORT, DOCKER_PORT, ECHO_PORT};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
-use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+use tokio_vsock::{VsockListener, VMADDR_CID_ANY};
 
 use crate::daemons::DOCKER_SOCKET;
+
+/// Listen backlog of each vsock port. The standard library's 128 turned a
+/// burst of 200 Docker connections into refused ones; the kernel caps this
+/// at `net.core.somaxconn` (4096).
+const BACKLOG: i32 = 1024;
+
+/// Binds `port` on any CID with a deep backlog.
+fn listen(port: u32) -> std::io::Result<VsockListener> {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let fd = socket::socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    socket::bind(
+        fd.as_raw_fd(),
+        &socket::VsockAddr::new(VMADDR_CID_ANY, port),
+    )?;
+    socket::listen(&fd, Backlog::new(BACKLOG)?)?;
+    Ok(VsockListener::from(fd))
+}
 use crate::reaper::Reaper;
 use crate::state::Shared;
 
@@ -21,7 +44,7 @@ pub fn start(shared: Arc<Shared>, reaper: Arc<Reaper>, kernel_release: String, e
     if echo {
         start_echo();
     }
-    match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, CONTROL_PORT)) {
+    match listen(CONTROL_PORT) {
         Ok(listener) => {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -42,7 +65,7 @@ pub fn start(shared: Arc<Shared>, reaper: Arc<Reaper>, kernel_release: String, e
         }
         Err(e) => tracing::warn!("vsock control port {CONTROL_PORT} unavailable: {e}"),
     }
-    match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, DOCKER_PORT)) {
+    match listen(DOCKER_PORT) {
         Ok(listener) => {
             tokio::spawn(async move {
                 loop {
@@ -61,7 +84,7 @@ pub fn start(shared: Arc<Shared>, reaper: Arc<Reaper>, kernel_release: String, e
 
 /// The echo port: every byte read is written back; EOF is passed on.
 fn start_echo() {
-    match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, ECHO_PORT)) {
+    match listen(ECHO_PORT) {
         Ok(listener) => {
             tokio::spawn(async move {
                 loop {

@@ -4,6 +4,8 @@
 //! Where either is missing the tests print a loud SKIPPED line, unless
 //! `BERTH_E2E_REQUIRED=1` (set by the CI script) turns that into a failure.
 
+pub mod pty;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

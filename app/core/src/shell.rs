@@ -89,6 +89,10 @@ pub async fn run(vsock_sock: &Path, argv: Vec<String>) -> Result<i32, ShellError
                 break;
             }
         }
+        // Dropping the write half would shut the stream down, which the
+        // agent takes as the host leaving: keep it open until the Exit.
+        std::future::pending::<()>().await;
+        drop(wr);
     });
     let stdin_tx = tx.clone();
     let stdin_task = tokio::spawn(async move {

@@ -27,6 +27,31 @@ pub struct ForwardStats {
     pub failed: AtomicU64,
 }
 
+/// Connects to the guest port, retrying refusals for a few seconds: a
+/// burst of connections can overflow the guest's listen backlog, which
+/// refuses like a full SYN queue would, and a client should see a slow
+/// connection rather than a reset.
+async fn connect_with_retry(
+    vsock_sock: &std::path::Path,
+    port: u32,
+) -> Option<tokio::net::UnixStream> {
+    let mut delay = std::time::Duration::from_millis(10);
+    for attempt in 0.. {
+        match vsock::connect(vsock_sock, port).await {
+            Ok(g) => return Some(g),
+            Err(vsock::VsockError::Refused { .. }) if attempt < 12 => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_millis(500));
+            }
+            Err(e) => {
+                tracing::warn!("forwarding to guest port {port}: {e}");
+                return None;
+            }
+        }
+    }
+    None
+}
+
 /// Serves `listener` until the task is dropped.
 pub async fn serve(
     listener: UnixListener,
@@ -52,13 +77,9 @@ pub async fn serve(
         let vsock_sock = vsock_sock.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut guest = match vsock::connect(&vsock_sock, port).await {
-                Ok(g) => g,
-                Err(e) => {
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("forwarding to guest port {port}: {e}");
-                    return;
-                }
+            let Some(mut guest) = connect_with_retry(&vsock_sock, port).await else {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                return;
             };
             stats.active.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut guest).await {

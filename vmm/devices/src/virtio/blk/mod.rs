@@ -36,6 +36,31 @@ pub enum BlockError {
     Open(String, std::io::Error),
     #[error("disk image {0} is {1} bytes, not a multiple of 512")]
     Size(String, u64),
+    #[error("disk image {0} is in use by another VM (it holds a lock on it)")]
+    InUse(String),
+}
+
+/// Locks the whole image with an open-file-description lock: exclusive for
+/// a writable disk, shared for a read-only one. QEMU takes the same kind of
+/// locks, so neither a second berth-vmm nor a QEMU can open a data disk that
+/// a running VM writes. The lock goes away with the file, however the
+/// process ends.
+fn lock_image(file: &std::fs::File, read_only: bool) -> Result<(), std::io::Error> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let lock = libc::flock {
+        l_type: if read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    fcntl(file, FcntlArg::F_OFD_SETLK(&lock))
+        .map(|_| ())
+        .map_err(std::io::Error::from)
 }
 
 /// Per-device counters.
@@ -77,6 +102,12 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(|e| BlockError::Open(shown.clone(), e))?;
+        if let Err(e) = lock_image(&file, read_only) {
+            return Err(match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) => BlockError::InUse(shown),
+                _ => BlockError::Open(shown, e),
+            });
+        }
         let len = file
             .metadata()
             .map_err(|e| BlockError::Open(shown.clone(), e))?

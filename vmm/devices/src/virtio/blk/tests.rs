@@ -219,3 +219,32 @@ fn malformed_chains_do_no_harm() {
     // Still works afterwards.
     assert_eq!(r.request(0, 0, &[], 512).0, 0);
 }
+
+#[test]
+fn a_writable_disk_is_locked_against_a_second_opener() {
+    let path = std::env::temp_dir().join(format!("berth-blk-lock-{}.img", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let first = Block::open(&path, false).unwrap();
+    assert!(matches!(
+        Block::open(&path, false),
+        Err(BlockError::InUse(_))
+    ));
+    assert!(matches!(
+        Block::open(&path, true),
+        Err(BlockError::InUse(_))
+    ));
+    drop(first);
+    // Read-only openers share.
+    let a = Block::open(&path, true).unwrap();
+    let b = Block::open(&path, true).unwrap();
+    assert!(matches!(
+        Block::open(&path, false),
+        Err(BlockError::InUse(_))
+    ));
+    drop((a, b));
+    Block::open(&path, false).unwrap();
+    std::fs::remove_file(&path).unwrap();
+}

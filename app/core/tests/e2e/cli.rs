@@ -1,0 +1,166 @@
+//! The `berth` CLI itself.
+
+use std::time::Duration;
+
+use berth_testkit::pty::PtySession;
+
+use super::{ok, Ctx};
+
+pub const CASES: &[(&str, fn(&Ctx))] = &[
+    ("cli_status_json", status_json),
+    ("cli_start_when_running", start_when_running),
+    ("cli_second_host_agent_refused", second_host_agent_refused),
+    ("cli_second_vmm_on_disk_refused", second_vmm_refused),
+    ("cli_docker_context", docker_context),
+    ("cli_config_get_set", config_get_set),
+    ("cli_logs", logs),
+    ("cli_shell_command", shell_command),
+    ("cli_shell_pty", shell_pty),
+];
+
+fn status_json(ctx: &Ctx) {
+    let s = ctx.status();
+    assert_eq!(s["state"], "running", "{s}");
+    for key in [
+        "driver",
+        "pid",
+        "uptime_s",
+        "cpus",
+        "memory_mib",
+        "docker_socket",
+        "docker_version",
+        "boot_ms",
+    ] {
+        assert!(!s[key].is_null(), "status lacks {key}: {s}");
+    }
+    // Which driver auto picks follows the hypervisor probe.
+    let probe = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name("berth-vmm"),
+    )
+    .arg("probe")
+    .output()
+    .expect("berth-vmm probe");
+    if !probe.status.success() {
+        assert_eq!(s["driver"], "qemu-tcg", "{s}");
+        assert!(s["driver_reason"].as_str().unwrap().contains("TCG"));
+    }
+    let sock = std::path::PathBuf::from(s["docker_socket"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "docker.sock mode");
+    let dmode = std::fs::metadata(sock.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dmode, 0o700, "state dir mode");
+    let human = ctx.berth_ok(&["status"]);
+    assert!(human.contains("state:          running"), "{human}");
+    assert!(human.contains("docker context: berth"), "{human}");
+}
+
+fn start_when_running(ctx: &Ctx) {
+    let out = ctx.berth_ok(&["start"]);
+    assert!(out.contains("already running"), "{out}");
+}
+
+fn second_host_agent_refused(ctx: &Ctx) {
+    let out = ctx
+        .berth_cmd(&["host-agent", "--state-dir"])
+        .arg(&ctx.state)
+        .arg("--image-dir")
+        .arg(&ctx.image_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds") && err.contains("lock"), "{err}");
+    assert_eq!(ctx.status()["state"], "running");
+}
+
+fn second_vmm_refused(ctx: &Ctx) {
+    let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name("berth-vmm");
+    let out = std::process::Command::new(vmm)
+        .args(["run", "--ignore-probe", "--kernel"])
+        .arg(ctx.image_dir.join("vmlinux"))
+        .arg("--data-disk")
+        .arg(ctx.state.join("data.img"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+}
+
+fn docker_context(ctx: &Ctx) {
+    let ls = ctx.docker_ok(&[
+        "context",
+        "ls",
+        "--format",
+        "{{.Name}} {{.Current}} {{.DockerEndpoint}}",
+    ]);
+    let berth = ls
+        .lines()
+        .find(|l| l.starts_with("berth "))
+        .expect("berth context");
+    assert!(berth.contains("true"), "{ls}");
+    assert!(berth.contains("docker.sock"), "{ls}");
+    // Other contexts are left alone.
+    assert!(ls.lines().any(|l| l.starts_with("default ")), "{ls}");
+    assert_eq!(ctx.docker_ok(&["context", "show"]).trim(), "berth");
+}
+
+fn config_get_set(ctx: &Ctx) {
+    assert_eq!(ctx.berth_ok(&["config", "get", "cpus"]).trim(), "2");
+    let out = ctx.berth(&["config", "set", "cpus", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cpus: 0 is out of range"));
+    let out = ctx.berth(&["config", "set", "memory_mib", "lots"]);
+    assert!(!out.status.success());
+    let out = ctx.berth(&["config", "set", "disk_gib", "8"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot shrink"),
+        "{out:?}"
+    );
+    let out = ctx.berth_ok(&["config", "set", "memory_mib", "2048"]);
+    assert!(out.contains("berth restart"), "{out}");
+    let all = ctx.berth_ok(&["config", "get"]);
+    assert!(all.contains("driver = auto"), "{all}");
+}
+
+fn logs(ctx: &Ctx) {
+    let out = ctx.berth_ok(&["logs"]);
+    assert!(out.contains("berth-agent: docker-ready"), "{out}");
+    let tail = ctx.berth_ok(&["logs", "-n", "3"]);
+    assert!(tail.lines().count() <= 3, "{tail}");
+}
+
+fn shell_command(ctx: &Ctx) {
+    let out = ctx.berth(&[
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "echo out-$((40+2)); echo err >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out-42\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let out = ok(
+        ctx.berth(&["shell", "--", "cat", "/proc/1/comm"]),
+        "berth shell cat",
+    );
+    assert_eq!(out.trim(), "berth-agent");
+    let out = ctx.berth(&["shell", "--", "no-such-program"]);
+    assert!(!out.status.success());
+}
+
+fn shell_pty(ctx: &Ctx) {
+    let mut s = PtySession::spawn(ctx.berth_cmd(&["shell"]));
+    s.expect("#", Duration::from_secs(30));
+    s.send("tty; echo answer-$((6*7))\n");
+    s.expect("answer-42", Duration::from_secs(20));
+    s.send("exit 5\n");
+    assert_eq!(s.wait(Duration::from_secs(20)), 5);
+    assert!(s.output().contains("/dev/pts/"), "{}", s.output());
+}
