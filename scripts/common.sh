@@ -6,7 +6,7 @@ say() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the build and the tests need (idempotent).
 ensure_host_packages() {
-    local want=(build-essential pkg-config qemu-system-x86 busybox-static e2fsprogs python3 git)
+    local want=(build-essential pkg-config qemu-system-x86 busybox-static e2fsprogs python3 git docker-compose)
     local missing=() p
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -18,4 +18,22 @@ ensure_host_packages() {
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
     command -v cargo >/dev/null || { echo "cargo is needed: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
+}
+
+# The docker CLI, the client users bring. Debian 12 ships it only inside
+# docker.io (which would also install and start a host dockerd), so when no
+# `docker` is on PATH we unpack just the client from that package.
+ensure_docker_cli() {
+    command -v docker >/dev/null && return 0
+    local cache="${XDG_CACHE_HOME:-$HOME/.cache}/berth/docker-cli" bin
+    if [ ! -x "$cache/usr/bin/docker" ]; then
+        say "no docker CLI on PATH: unpacking the client from Debian's docker.io package"
+        mkdir -p "$cache/deb"
+        (cd "$cache/deb" && apt-get download docker.io >/dev/null)
+        dpkg-deb -x "$cache"/deb/docker.io_*.deb "$cache"
+    fi
+    if [ "$(id -u)" -eq 0 ]; then bin=/usr/local/bin; else bin="$HOME/.local/bin"; mkdir -p "$bin"; fi
+    ln -sf "$cache/usr/bin/docker" "$bin/docker"
+    export PATH="$bin:$PATH"
+    say "installed the docker CLI as $bin/docker"
 }

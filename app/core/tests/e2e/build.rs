@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use super::{eventually, Ctx, BB};
+use super::{eventually, Case, Ctx, BB};
 
-pub const CASES: &[(&str, fn(&Ctx))] = &[("docker_build_multistage_cached", build_multistage)];
+pub const CASES: &[Case] = &[("docker_build_multistage_cached", build_multistage)];
 
 fn build_multistage(ctx: &Ctx) {
     let dir = ctx.work.join("build-ctx");

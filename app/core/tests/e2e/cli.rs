@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use berth_testkit::pty::PtySession;
 
-use super::{ok, Ctx};
+use super::{ok, Case, Ctx};
 
-pub const CASES: &[(&str, fn(&Ctx))] = &[
+pub const CASES: &[Case] = &[
     ("cli_status_json", status_json),
     ("cli_start_when_running", start_when_running),
     ("cli_second_host_agent_refused", second_host_agent_refused),

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use super::{eventually, Ctx, BB};
+use super::{eventually, Case, Ctx, BB};
 
-pub const CASES: &[(&str, fn(&Ctx))] = &[("compose_two_services_healthcheck", two_services)];
+pub const CASES: &[Case] = &[("compose_two_services_healthcheck", two_services)];
 
 fn two_services(ctx: &Ctx) {
     if berth_core::paths::find_on_path("docker-compose").is_none() {

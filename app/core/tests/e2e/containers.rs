@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use berth_testkit::pty::PtySession;
 
-use super::{eventually, Ctx, BB};
+use super::{eventually, Case, Ctx, BB};
 
-pub const CASES: &[(&str, fn(&Ctx))] = &[
+pub const CASES: &[Case] = &[
     ("docker_version_info", version_info),
     ("docker_run_rm", run_rm),
     ("docker_run_stdin_half_close", run_stdin_half_close),

@@ -69,7 +69,9 @@ impl Ctx {
     }
 
     pub fn console(&self) -> String {
-        std::fs::read_to_string(self.state.join("console.log")).unwrap_or_default()
+        // The console is raw serial output: not always valid UTF-8.
+        String::from_utf8_lossy(&std::fs::read(self.state.join("console.log")).unwrap_or_default())
+            .into_owned()
     }
 }
 
@@ -136,7 +138,7 @@ pub fn busybox_tar(work: &Path) -> PathBuf {
 /// The local base image every case builds on.
 pub const BB: &str = "berth-e2e/busybox:1";
 
-type Case = (&'static str, fn(&Ctx));
+pub type Case = (&'static str, fn(&Ctx));
 
 /// In order: the later cases restart and kill the VM.
 fn cases() -> Vec<Case> {

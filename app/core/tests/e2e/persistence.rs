@@ -5,9 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::{eventually, Ctx, BB};
+use super::{eventually, Case, Ctx, BB};
 
-pub const CASES: &[(&str, fn(&Ctx))] = &[
+pub const CASES: &[Case] = &[
     ("persist_across_berth_restart", across_restart),
     ("persist_synced_records_across_kill_9", across_kill),
     ("persist_disk_clean_after_stop", disk_clean_after_stop),
@@ -35,9 +35,10 @@ fn across_restart(ctx: &Ctx) {
     let s = ctx.status();
     assert_eq!(s["state"], "running");
     assert_ne!(s["pid"], pid_before, "a new VM process");
+    let console = ctx.console();
     assert!(
-        ctx.console().contains("data-disk state=mounted"),
-        "the disk was reformatted?"
+        disk_mounted(&console),
+        "the disk was reformatted?\n{console}"
     );
     let f = ctx.docker_ok(&[
         "run",
@@ -161,7 +162,7 @@ fn disk_clean_after_stop(ctx: &Ctx) {
 
 /// The agent found an existing filesystem (not a blank disk to format).
 fn disk_mounted(console: &str) -> bool {
-    console
-        .lines()
-        .any(|l| l.starts_with("berth-agent: data-disk ") && l.ends_with("state=mounted"))
+    console.lines().any(|l| {
+        l.starts_with("berth-agent: data-disk ") && l.trim_end().ends_with("state=mounted")
+    })
 }

@@ -6,9 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{eventually, Ctx};
+use super::{eventually, Case, Ctx};
 
-pub const CASES: &[(&str, fn(&Ctx))] = &[
+pub const CASES: &[Case] = &[
     ("socket_200_concurrent_connections", concurrent),
     ("socket_no_fd_leak_after_1000_connections", no_fd_leak),
     ("socket_large_upload_docker_import", large_upload),
