@@ -19,6 +19,8 @@ pub enum LifecycleError {
     Path(#[from] PathError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Driver(#[from] crate::driver::DriverError),
     #[error("cannot prepare {path}: {source}")]
     StateDir {
         path: String,
@@ -140,7 +142,10 @@ pub async fn start(
             Err(e) => return Err(LifecycleError::Api(format!("{e:#}"))),
         }
     }
+    // Refuse what cannot work before anything starts.
+    crate::driver::select(cfg.driver)?;
     let image = image_dir(image_override)?;
+    crate::driver::Image::load(&image)?;
     let mut child = spawn_host_agent(state, &image)?;
 
     let limit = crate::hostagent::BOOT_LIMIT;

@@ -90,7 +90,7 @@ pub struct Selection {
 /// Errors choosing or starting a driver.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("driver vmm cannot run here: {0}")]
+    #[error("driver vmm cannot run here: {0}. Use `berth config set driver auto` to run the VM under QEMU instead")]
     VmmUnusable(String),
     #[error(transparent)]
     Path(#[from] PathError),
@@ -114,7 +114,10 @@ fn probe() -> (bool, String) {
             let p = h.probe();
             (p.can_run_linux, p.reason)
         }
-        Err(e) => (false, e.to_string()),
+        Err(e) => (
+            false,
+            format!("{e} (check that /dev/kvm exists and that you may open it: add yourself to the kvm group)"),
+        ),
     }
 }
 

@@ -16,6 +16,8 @@ pub const CASES: &[Case] = &[
     ("cli_logs", logs),
     ("cli_shell_command", shell_command),
     ("cli_shell_pty", shell_pty),
+    ("cli_start_failure_reports_and_cleans_up", start_failure),
+    ("cli_unusable_driver_is_explained", unusable_driver),
 ];
 
 fn status_json(ctx: &Ctx) {
@@ -163,4 +165,68 @@ fn shell_pty(ctx: &Ctx) {
     s.send("exit 5\n");
     assert_eq!(s.wait(Duration::from_secs(20)), 5);
     assert!(s.output().contains("/dev/pts/"), "{}", s.output());
+}
+
+/// A guest that cannot boot: `berth start` says why, shows the console,
+/// and leaves no process behind.
+fn start_failure(ctx: &Ctx) {
+    ctx.berth_ok(&[
+        "--vm",
+        "broken",
+        "config",
+        "set",
+        "cmdline_extra",
+        "init=/no/such/init",
+    ]);
+    let out = ctx.berth(&["--vm", "broken", "start"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the VM failed to start"), "{err}");
+    assert!(
+        err.contains("last guest console lines") && err.contains("Kernel panic"),
+        "{err}"
+    );
+    assert!(err.contains("Nothing is left running"), "{err}");
+    let state = ctx.data_home.join("berth/broken");
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        !ps.lines().any(|l| l.contains(state.to_str().unwrap())),
+        "processes left behind:\n{ps}"
+    );
+    assert!(!state.join("agent.sock").exists() && !state.join("docker.sock").exists());
+    let s: serde_json::Value =
+        serde_json::from_str(&ctx.berth_ok(&["--vm", "broken", "status", "--json"])).unwrap();
+    assert_eq!(s["state"], "stopped");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exited during boot"),
+        "{s}"
+    );
+}
+
+/// Asking for a driver this host cannot run is refused with the reason.
+fn unusable_driver(ctx: &Ctx) {
+    let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name("berth-vmm");
+    let probe = std::process::Command::new(vmm)
+        .arg("probe")
+        .output()
+        .unwrap();
+    if probe.status.success() {
+        println!("    (this host can run berth-vmm: nothing to refuse)");
+        return;
+    }
+    ctx.berth_ok(&["--vm", "novmm", "config", "set", "driver", "vmm"]);
+    let out = ctx.berth(&["--vm", "novmm", "start"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("driver vmm cannot run here") && err.contains("kvm"),
+        "{err}"
+    );
 }
