@@ -165,6 +165,24 @@ pub async fn prepare(reaper: &Reaper, dev: &Path) -> Result<DataDiskState, DiskE
         Some("noinit_itable"),
     )
     .map_err(|e| DiskError::Mount(dev.to_owned(), MOUNT_POINT.into(), e))?;
+    if state == DataDiskState::Mounted {
+        // The host grows data.img when `disk_gib` grows; ext4 follows
+        // online. A no-op when the sizes already match; a failure leaves
+        // the filesystem as it was, so it is only logged.
+        match process::run(reaper, "resize2fs", &[&devs]).await {
+            Ok(out) if out.exit.success() => {
+                if !out.text.contains("Nothing to do") {
+                    tracing::info!("resized {devs}: {}", out.text.trim());
+                }
+            }
+            Ok(out) => tracing::warn!(
+                "resize2fs {devs} failed ({}): {}",
+                out.exit,
+                out.text.trim()
+            ),
+            Err(e) => tracing::warn!("resize2fs {devs} could not run: {e}"),
+        }
+    }
     bind_dirs(Path::new(MOUNT_POINT))?;
     Ok(state)
 }

@@ -27,6 +27,10 @@ fn across_restart(ctx: &Ctx) {
     ]);
     ctx.docker_ok(&["create", "--name", "e2e-kept", BB, "true"]);
     let pid_before = ctx.status()["pid"].clone();
+    // A bigger disk takes effect at the restart: the file grows, ext4 follows.
+    let kib_before = data_fs_kib(ctx);
+    let out = ctx.berth_ok(&["config", "set", "disk_gib", "65"]);
+    assert!(out.contains("berth restart"), "{out}");
     let out = ctx.berth_ok(&["restart"]);
     assert!(
         out.contains("Berth stopped") && out.contains("Berth is running"),
@@ -39,6 +43,11 @@ fn across_restart(ctx: &Ctx) {
     assert!(
         disk_mounted(&console),
         "the disk was reformatted?\n{console}"
+    );
+    let kib_after = data_fs_kib(ctx);
+    assert!(
+        kib_after > kib_before + 900 * 1024,
+        "data filesystem did not grow: {kib_before} → {kib_after} KiB"
     );
     let f = ctx.docker_ok(&[
         "run",
@@ -165,4 +174,14 @@ fn disk_mounted(console: &str) -> bool {
     console.lines().any(|l| {
         l.starts_with("berth-agent: data-disk ") && l.trim_end().ends_with("state=mounted")
     })
+}
+
+/// Size of the guest's data filesystem, from `df` in the guest.
+fn data_fs_kib(ctx: &Ctx) -> u64 {
+    let out = ctx.berth_ok(&["shell", "--", "df", "-k", "/var/lib/berth"]);
+    out.lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("df output: {out}"))
 }
