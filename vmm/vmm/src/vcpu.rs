@@ -244,8 +244,10 @@ mod tests {
     fn pause_resume_stop() {
         let log = Log::default();
         let (tx, rx) = mpsc::channel();
-        // Interrupted exits keep the vCPU running until its script ends.
-        let script = vec![Step::Exit(VcpuExit::Interrupted); 1000]
+        // Interrupted exits keep the vCPU running until its script ends;
+        // the script is long enough that a loaded machine cannot run it to
+        // the end before the pause arrives (1,000 steps did, once, in CI).
+        let script = vec![Step::Exit(VcpuExit::Interrupted); 200_000]
             .into_iter()
             .chain([
                 Step::PioWrite(0x10, vec![1]),

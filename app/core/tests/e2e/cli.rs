@@ -18,6 +18,7 @@ pub const CASES: &[Case] = &[
     ("cli_shell_pty", shell_pty),
     ("cli_start_failure_reports_and_cleans_up", start_failure),
     ("cli_unusable_driver_is_explained", unusable_driver),
+    ("cli_works_without_docker_cli", without_docker_cli),
 ];
 
 fn status_json(ctx: &Ctx) {
@@ -228,5 +229,20 @@ fn unusable_driver(ctx: &Ctx) {
     assert!(
         err.contains("driver vmm cannot run here") && err.contains("kvm"),
         "{err}"
+    );
+}
+
+/// Without a docker CLI on PATH Berth still answers and says how to get one.
+fn without_docker_cli(ctx: &Ctx) {
+    let out = ctx
+        .berth_cmd(&["status"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let text = ok(out, "berth status without docker");
+    assert!(text.contains("state:          running"), "{text}");
+    assert!(
+        text.contains("docker CLI is not installed") && text.contains("apt-get install"),
+        "{text}"
     );
 }

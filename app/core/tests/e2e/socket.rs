@@ -119,4 +119,18 @@ fn large_upload(ctx: &Ctx) {
             .next()
     );
     ctx.docker_ok(&["rmi", "berth-e2e/big:1"]);
+    // The forwarder copies through fixed buffers: 64 MiB passing through
+    // must not show up in the host agent's peak memory.
+    let pid = ctx.status()["host_agent_pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    println!(
+        "    host agent peak RSS after the 64 MiB upload: {} MiB",
+        hwm_kib / 1024
+    );
+    assert!(hwm_kib < 48 * 1024, "host agent peak RSS {hwm_kib} KiB");
 }
