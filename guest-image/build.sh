@@ -74,6 +74,7 @@ cp "$KERNEL/bzImage" "$OUT_DIR/bzImage.tmp" && mv "$OUT_DIR/bzImage.tmp" "$OUT_D
 cp "$KERNEL/config" "$OUT_DIR/kernel.config"
 mkdir -p "$OUT_DIR/test"
 cp "$TEST_KERNEL/vmlinux" "$OUT_DIR/test/vmlinux-pvm-test.tmp" && mv "$OUT_DIR/test/vmlinux-pvm-test.tmp" "$OUT_DIR/test/vmlinux-pvm-test"
+cp "$TEST_KERNEL/bzImage" "$OUT_DIR/test/bzImage-pvm-test.tmp" && mv "$OUT_DIR/test/bzImage-pvm-test.tmp" "$OUT_DIR/test/bzImage-pvm-test"
 
 # moby's own verdict on the kernel configuration.
 bash "$ROOTFS/check-config.sh" "$OUT_DIR/kernel.config" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' > "$OUT_DIR/check-config.txt" || true
