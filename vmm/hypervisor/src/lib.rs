@@ -1,6 +1,7 @@
 //! The hypervisor boundary of berth-vmm.
 //!
-//! `Hypervisor` → `Vm` (map memory, create vCPUs, interrupt lines) → `Vcpu`
+//! `Hypervisor` → `Vm` (map memory, create vCPUs, interrupt lines, MMIO
+//! notifiers) → `Vcpu`
 //! (set boot state, `run` with an [`IoHandler`] that serves port and MMIO
 //! accesses, returning only control exits). The types here are the VMM's
 //! own: no backend type crosses this boundary. One backend is chosen per OS
@@ -57,6 +58,9 @@ pub struct Capabilities {
     pub pit: bool,
     /// Interrupts raised by writing an eventfd.
     pub irqfd: bool,
+    /// Guest MMIO writes that signal an eventfd without leaving the
+    /// hypervisor ([`Vm::register_mmio_notifier`]).
+    pub ioeventfd: bool,
     pub max_vcpus: usize,
     pub max_memory_slots: usize,
 }
@@ -123,6 +127,17 @@ pub trait Vm: Send + Sync {
     fn set_irq_line(&self, irq: u32, active: bool) -> Result<()>;
     /// Raises `gsi` whenever `event` is written.
     fn register_irqfd(&self, event: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
+    /// Makes a guest write at `addr` signal `event` instead of reaching
+    /// the vCPU's [`IoHandler`]: any write there, or with `datamatch` only
+    /// a 4-byte write of that value (others still reach the handler).
+    /// Only where [`Capabilities::ioeventfd`] says so; the notifier lives
+    /// as long as the VM.
+    fn register_mmio_notifier(
+        &self,
+        addr: u64,
+        datamatch: Option<u32>,
+        event: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<()>;
 }
 
 /// One virtual CPU. Runs on its own thread.

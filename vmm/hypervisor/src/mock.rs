@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
     Capabilities, CpuidEntry, IoHandler, Kicker, Probe, Regs, Result, SpecialRegs, VcpuExit,
@@ -38,6 +39,7 @@ impl crate::Hypervisor for MockHypervisor {
             irqchip: false,
             pit: false,
             irqfd: false,
+            ioeventfd: true,
             max_vcpus: 8,
             max_memory_slots: 32,
         }
@@ -59,9 +61,32 @@ impl crate::Hypervisor for MockHypervisor {
             script: self.script.clone(),
             memory: Mutex::new(Vec::new()),
             irq_lines: Mutex::new(Vec::new()),
+            notifiers: Arc::default(),
         })
     }
 }
+
+/// A registered MMIO notifier: what a write must look like to signal it.
+#[derive(Debug)]
+struct Notifier {
+    addr: u64,
+    datamatch: Option<u32>,
+    event: EventFd,
+}
+
+impl Notifier {
+    /// The same rule as KVM's ioeventfd: the address, and with a datamatch
+    /// a 4-byte write of that value.
+    fn matches(&self, addr: u64, data: &[u8]) -> bool {
+        addr == self.addr
+            && match self.datamatch {
+                None => true,
+                Some(v) => data == v.to_le_bytes(),
+            }
+    }
+}
+
+type Notifiers = Arc<Mutex<Vec<Notifier>>>;
 
 #[derive(Debug)]
 pub struct MockVm {
@@ -69,6 +94,7 @@ pub struct MockVm {
     memory: Mutex<Vec<Arc<GuestMemoryMmap>>>,
     /// Every `set_irq_line` call, in order.
     pub irq_lines: Mutex<Vec<(u32, bool)>>,
+    notifiers: Notifiers,
 }
 
 impl crate::Vm for MockVm {
@@ -96,6 +122,7 @@ impl crate::Vm for MockVm {
             regs: Mutex::new(Regs::default()),
             sregs: Mutex::new(SpecialRegs::default()),
             kicked: Arc::new(AtomicBool::new(false)),
+            notifiers: self.notifiers.clone(),
             reads: Vec::new(),
         })
     }
@@ -111,6 +138,29 @@ impl crate::Vm for MockVm {
     fn register_irqfd(&self, _event: &vmm_sys_util::eventfd::EventFd, _gsi: u32) -> Result<()> {
         Err(crate::HypervisorError::Unsupported("irqfd"))
     }
+
+    fn register_mmio_notifier(
+        &self,
+        addr: u64,
+        datamatch: Option<u32>,
+        event: &EventFd,
+    ) -> Result<()> {
+        let event = event
+            .try_clone()
+            .map_err(|source| crate::HypervisorError::Op {
+                op: "cloning a notifier eventfd",
+                source,
+            })?;
+        self.notifiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Notifier {
+                addr,
+                datamatch,
+                event,
+            });
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -119,6 +169,7 @@ pub struct MockVcpu {
     regs: Mutex<Regs>,
     sregs: Mutex<SpecialRegs>,
     kicked: Arc<AtomicBool>,
+    notifiers: Notifiers,
     /// Data returned by the handler for each scripted read, in order.
     pub reads: Vec<Vec<u8>>,
 }
@@ -165,7 +216,18 @@ impl crate::Vcpu for MockVcpu {
             }
             match self.script.pop_front() {
                 Some(Step::PioWrite(port, data)) => io.pio_write(port, &data),
-                Some(Step::MmioWrite(addr, data)) => io.mmio_write(addr, &data),
+                Some(Step::MmioWrite(addr, data)) => {
+                    let notifiers = self.notifiers.lock().unwrap_or_else(|e| e.into_inner());
+                    match notifiers.iter().find(|n| n.matches(addr, &data)) {
+                        Some(n) => {
+                            let _ = n.event.write(1);
+                        }
+                        None => {
+                            drop(notifiers);
+                            io.mmio_write(addr, &data)
+                        }
+                    }
+                }
                 Some(Step::PioRead(port, len)) => {
                     let mut data = vec![0u8; len];
                     io.pio_read(port, &mut data);
@@ -185,5 +247,49 @@ impl crate::Vcpu for MockVcpu {
     fn kicker(&self) -> Kicker {
         let k = self.kicked.clone();
         Kicker::new(move || k.store(true, Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Hypervisor, Vcpu, Vm};
+
+    #[derive(Default)]
+    struct Writes(Vec<(u64, Vec<u8>)>);
+    impl IoHandler for Writes {
+        fn pio_read(&mut self, _: u16, _: &mut [u8]) {}
+        fn pio_write(&mut self, _: u16, _: &[u8]) {}
+        fn mmio_read(&mut self, _: u64, _: &mut [u8]) {}
+        fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+            self.0.push((addr, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn mmio_notifiers_take_matching_writes() {
+        let h = MockHypervisor {
+            script: vec![
+                Step::MmioWrite(0x1000, vec![9]),
+                Step::MmioWrite(0x1050, 1u32.to_le_bytes().to_vec()),
+                Step::MmioWrite(0x1050, 7u32.to_le_bytes().to_vec()),
+                Step::MmioWrite(0x1050, vec![1]),
+            ],
+            can_run_linux: true,
+        };
+        let vm = h.create_vm().unwrap();
+        let any = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let q1 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vm.register_mmio_notifier(0x1000, None, &any).unwrap();
+        vm.register_mmio_notifier(0x1050, Some(1), &q1).unwrap();
+        let mut io = Writes::default();
+        vm.create_vcpu(0).unwrap().run(&mut io).unwrap();
+        assert_eq!(any.read().unwrap(), 1);
+        assert_eq!(q1.read().unwrap(), 1);
+        assert_eq!(
+            io.0,
+            [(0x1050, 7u32.to_le_bytes().to_vec()), (0x1050, vec![1])],
+            "a different value or width still reaches the handler"
+        );
     }
 }

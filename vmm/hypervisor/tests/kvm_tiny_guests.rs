@@ -116,6 +116,45 @@ fn pio_and_mmio_are_dispatched_to_the_handler() {
 }
 
 #[test]
+fn mmio_notifiers_signal_their_eventfd_instead_of_the_handler() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let Some(kvm) = kvm() else { return };
+    if !kvm.capabilities().ioeventfd {
+        eprintln!("\n*** SKIPPED: this KVM has no ioeventfd ***\n");
+        return;
+    }
+    let code = [
+        0xb8, 0x00, 0x20, // mov ax, 0x2000
+        0x8e, 0xd8, // mov ds, ax
+        0xc6, 0x06, 0x00, 0x00, 0x11, // mov byte [0x0], 0x11          (any: notified)
+        0x66, 0xc7, 0x06, 0x50, 0x00, 0x01, 0x00, 0x00,
+        0x00, // mov dword [0x50], 1  (matches)
+        0x66, 0xc7, 0x06, 0x50, 0x00, 0x07, 0x00, 0x00,
+        0x00, // mov dword [0x50], 7  (no match)
+        0x66, 0xc7, 0x06, 0x60, 0x00, 0x02, 0x00, 0x00,
+        0x00, // mov dword [0x60], 2  (no notifier)
+        0xf4, // hlt
+    ];
+    let (vm, _mem) = real_mode_vm(&kvm, &[(0, 0x10000)], &code);
+    let any = EventFd::new(EFD_NONBLOCK).unwrap();
+    let queue1 = EventFd::new(EFD_NONBLOCK).unwrap();
+    vm.register_mmio_notifier(0x20000, None, &any).unwrap();
+    vm.register_mmio_notifier(0x20050, Some(1), &queue1)
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    start_real_mode(&vcpu, 0x1000);
+    let mut io = Recorder::default();
+    assert_eq!(vcpu.run(&mut io).unwrap(), VcpuExit::Halt);
+    assert_eq!(
+        io.log,
+        ["mmio write 0x20050 0x7", "mmio write 0x20060 0x2"],
+        "notified writes never reach the handler"
+    );
+    assert_eq!(any.read().unwrap(), 1);
+    assert_eq!(queue1.read().unwrap(), 1);
+}
+
+#[test]
 fn several_memory_slots_are_guest_memory() {
     let Some(kvm) = kvm() else { return };
     let code = [
@@ -231,6 +270,7 @@ fn capabilities_and_probe() {
         caps.max_vcpus >= 1 && caps.max_memory_slots >= 2,
         "{caps:?}"
     );
+    eprintln!("capabilities: {caps:?}");
     let probe = kvm.probe();
     eprintln!("probe: {probe:?}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {

@@ -1,5 +1,6 @@
-//! berth-vmm's control API: HTTP/1.1 + JSON on a unix socket. The routes
-//! map onto a closed set of actions; the transport is thin.
+//! berth-vmm's control API: HTTP/1.1 + JSON on a unix socket, served on the
+//! VMM's event loop. The routes map onto a closed set of actions; the
+//! transport is thin.
 //!
 //! | route | action |
 //! |---|---|
@@ -16,6 +17,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use crate::event_loop::EventLoop;
 use crate::vm::Devices;
 
 /// What a request asks for.
@@ -95,56 +97,48 @@ pub fn perform(action: Action, s: &ApiState) -> Response<Full<Bytes>> {
     }
 }
 
-/// Serves the API on `path` on a thread of its own.
-pub fn spawn(path: &Path, state: ApiState) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Serves the API on `path`, as tasks of the VMM's event loop.
+pub fn serve(events: &EventLoop, path: &Path, state: ApiState) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let std_listener = std::os::unix::net::UnixListener::bind(path)?;
     std_listener.set_nonblocking(true)?;
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
+    let listener = {
+        let _rt = events.runtime().enter();
+        tokio::net::UnixListener::from_std(std_listener)?
+    };
+    events.runtime().spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::error!("control API: cannot start its runtime: {e}");
-                    return;
+                    // Out of descriptors, most likely: let some close.
+                    tracing::warn!("control API: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
                 }
             };
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::UnixListener::from_std(std_listener) else {
-                    return;
-                };
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let state = state.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(
-                            move |req: Request<hyper::body::Incoming>| {
-                                let state = state.clone();
-                                async move {
-                                    let resp = match route(req.method(), req.uri().path()) {
-                                        Ok(action) => perform(action, &state),
-                                        Err(code) => json(
-                                            code,
-                                            serde_json::json!({ "error": code.canonical_reason() }),
-                                        ),
-                                    };
-                                    Ok::<_, std::convert::Infallible>(resp)
-                                }
-                            },
-                        );
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
+                    async move {
+                        let resp = match route(req.method(), req.uri().path()) {
+                            Ok(action) => perform(action, &state),
+                            Err(code) => json(
+                                code,
+                                serde_json::json!({ "error": code.canonical_reason() }),
+                            ),
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
-        })
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -178,7 +178,7 @@ fn run(a: RunArgs) -> ExitCode {
             memory_mib: cfg.memory_mib,
             shutdown_requested: shutdown_requested.clone(),
         };
-        if let Err(e) = api::spawn(path, state) {
+        if let Err(e) = api::serve(running.events(), path, state) {
             running.stop();
             return fail(&format!(
                 "cannot serve the control API on {}: {e}",

@@ -1,11 +1,10 @@
 //! Building a VM from a validated [`VmConfig`] (config → resources →
 //! builder) and running it: one named thread per vCPU, exits reported to
-//! the caller's loop.
+//! the caller's loop, and one event loop for device queues, the vsock host
+//! sockets and the control API.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use berth_devices::legacy::i8042::{I8042Host, I8042};
 use berth_devices::legacy::serial::{ConsoleOut, IrqTrigger, SerialConsole};
@@ -19,6 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::event_loop::EventLoop;
 use crate::vcpu::{self, Command, VcpuHandle};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 
@@ -41,6 +41,8 @@ pub enum BuildError {
     Console(String, std::io::Error),
     #[error("cannot create an interrupt eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("cannot set up the event loop: {0}")]
+    EventLoop(std::io::Error),
     #[error(transparent)]
     Vsock(#[from] berth_devices::virtio::vsock::VsockError),
     #[error("this host can't run a stock Linux guest: {0}")]
@@ -118,6 +120,15 @@ impl Devices {
         let off = addr.checked_sub(layout::VIRTIO_MMIO_START)?;
         let slot = (off / layout::VIRTIO_MMIO_SIZE) as usize;
         (slot < self.mmio.len()).then_some((slot, off % layout::VIRTIO_MMIO_SIZE))
+    }
+
+    /// The driver notified queue `queue` of virtio device `slot`.
+    fn notify_queue(&self, slot: usize, queue: u16) {
+        if let Some(t) = self.mmio.get(slot) {
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .notify_queue(queue);
+        }
     }
 
     /// Sends ctrl-alt-del to the guest.
@@ -231,9 +242,7 @@ pub struct RunningVm<H: Hypervisor> {
     _vm: Arc<H::Vm>,
     pub devices: Arc<Devices>,
     vcpus: Vec<VcpuHandle>,
-    /// Ends the helper threads (vsock host sockets).
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    events: EventLoop,
     pub exits: mpsc::Receiver<ExitReason>,
 }
 
@@ -246,15 +255,17 @@ impl<H: Hypervisor> std::fmt::Debug for RunningVm<H> {
 }
 
 impl<H: Hypervisor> RunningVm<H> {
-    /// Stops every vCPU and waits for their threads.
+    /// Stops every vCPU, then the event loop, and waits for their threads.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
         for v in self.vcpus.drain(..) {
             v.stop();
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.events.stop();
+    }
+
+    /// The event loop, to serve more on it (the control API).
+    pub fn events(&self) -> &EventLoop {
+        &self.events
     }
 
     /// Pauses or resumes every vCPU.
@@ -340,6 +351,7 @@ where
         i8042: Mutex::new(i8042),
         mmio,
     });
+    let events = start_event_loop(&*vm, hv.capabilities().ioeventfd, &devices, vsock)?;
 
     // Kernel and what it reads at entry.
     let entry = boot::load_kernel(&*mem, &cfg.kernel)?;
@@ -360,9 +372,7 @@ where
 
     // vCPUs.
     let supported = hv.supported_cpuid()?;
-    let stop = Arc::new(AtomicBool::new(false));
     let mut vcpus = Vec::new();
-    let mut threads = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm.create_vcpu(id)?;
         let mut leaves = cpuid::for_vcpu(&supported, id, cfg.cpus);
@@ -388,53 +398,53 @@ where
             })?;
         vcpus.push(handle);
     }
-    if let Some(v) = vsock {
-        let stop = stop.clone();
-        let t = std::thread::Builder::new()
-            .name("vsock-host".into())
-            .spawn(move || vsock_host_loop(v, stop))
-            .map_err(|e| {
-                BuildError::Hypervisor(berth_hypervisor::HypervisorError::Op {
-                    op: "spawning the vsock thread",
-                    source: e,
-                })
-            })?;
-        threads.push(t);
-    }
     Ok(RunningVm {
         _vm: vm,
         devices,
         vcpus,
-        stop,
-        threads,
+        events,
         exits,
     })
 }
 
-/// Waits for the vsock device's host sockets and lets it serve them.
-fn vsock_host_loop(dev: VsockDevice, stop: Arc<AtomicBool>) {
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-    let epoll = match Epoll::new() {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!("vsock: cannot create an epoll instance: {e}");
-            return;
-        }
-    };
-    if let Err(e) = epoll.ctl(
-        ControlOperation::Add,
-        dev.host_fd(),
-        EpollEvent::new(EventSet::IN, 0),
-    ) {
-        tracing::error!("vsock: cannot watch the host sockets: {e}");
-        return;
-    }
-    let mut events = [EpollEvent::default(); 1];
-    while !stop.load(Ordering::SeqCst) {
-        if let Ok(n) = epoll.wait(200, &mut events) {
-            if n > 0 {
-                dev.host_ready();
+/// Starts the event loop with every device source: a notifier per virtio
+/// queue where the hypervisor has them (elsewhere QueueNotify writes are
+/// served on the vCPU that made them), and the vsock host sockets.
+fn start_event_loop<V: Vm>(
+    vm: &V,
+    ioeventfd: bool,
+    devices: &Arc<Devices>,
+    vsock: Option<VsockDevice>,
+) -> Result<EventLoop, BuildError> {
+    let events = EventLoop::start().map_err(BuildError::EventLoop)?;
+    if ioeventfd {
+        for (slot, transport) in devices.mmio.iter().enumerate() {
+            let (base, _) = layout::virtio_slot(slot);
+            let notifiers = transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_notifiers();
+            for (offset, queue) in notifiers {
+                let event = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventLoop)?;
+                vm.register_mmio_notifier(base + offset, Some(queue.into()), &event)?;
+                let devices = devices.clone();
+                events
+                    .watch("virtio queue notifier", event, move |e| {
+                        e.read()?;
+                        devices.notify_queue(slot, queue);
+                        Ok(())
+                    })
+                    .map_err(BuildError::EventLoop)?;
             }
         }
     }
+    if let Some(v) = vsock {
+        events
+            .watch("vsock host sockets", v, |v| {
+                v.host_ready();
+                Ok(())
+            })
+            .map_err(BuildError::EventLoop)?;
+    }
+    Ok(events)
 }

@@ -1,5 +1,11 @@
 //! The virtio-mmio transport, version 2: registers only. The device's logic
 //! sits behind [`VirtioDevice`].
+//!
+//! A driver notifies queue `i` by writing `i` to QueueNotify. Where the
+//! hypervisor can turn such writes into eventfd signals, the VMM wires one
+//! per queue ([`MmioTransport::queue_notifiers`]) and calls
+//! [`MmioTransport::notify_queue`] from its event loop; otherwise the write
+//! reaches [`MmioTransport::write`] and the queue is served inline.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -19,6 +25,9 @@ const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 0x80;
+
+/// Offset of the QueueNotify register in a device's window.
+pub const QUEUE_NOTIFY: u64 = 0x050;
 
 /// One virtio-mmio device window.
 pub struct MmioTransport {
@@ -93,6 +102,23 @@ impl MmioTransport {
 
     pub fn device_type(&self) -> u32 {
         self.device.device_type()
+    }
+
+    /// Where the driver notifies each queue: (offset in the window, the
+    /// value it writes there, which is the queue's index).
+    pub fn queue_notifiers(&self) -> Vec<(u64, u16)> {
+        (0..)
+            .zip(self.device.queue_max_sizes())
+            .map(|(q, _)| (QUEUE_NOTIFY, q))
+            .collect()
+    }
+
+    /// The driver notified queue `index`, seen here or through a notifier
+    /// outside the vCPU. Ignored until the device is live.
+    pub fn notify_queue(&mut self, index: u16) {
+        if self.activated {
+            self.device.queue_notify(index);
+        }
     }
 
     /// The device's counters plus the transport's own.
@@ -193,9 +219,10 @@ impl MmioTransport {
                     _ => q.set_used_ring_address(None, Some(v)),
                 }
             }
-            0x050 => {
-                if self.activated {
-                    self.device.queue_notify(v as u16);
+            QUEUE_NOTIFY => {
+                // A queue index that doesn't fit is no queue at all.
+                if let Ok(index) = u16::try_from(v) {
+                    self.notify_queue(index);
                 }
             }
             0x064 => {
@@ -301,6 +328,24 @@ mod tests {
         let mut cid = [0u8; 8];
         t.read(0x100, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), 7);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn names_one_notifier_per_queue() {
+        let mut t = MmioTransport::new(Box::new(Rng::default()), mem(), Arc::new(NoIrq));
+        assert_eq!(t.queue_notifiers(), [(QUEUE_NOTIFY, 0)]);
+        // Before DRIVER_OK a notification is nothing to act on.
+        t.notify_queue(0);
+        t.notify_queue(u16::MAX);
+        let dir = std::env::temp_dir().join(format!("berth-mmio-n-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = VsockDevice::new(7, &dir.join("v.sock")).unwrap();
+        let t = MmioTransport::new(Box::new(dev), mem(), Arc::new(NoIrq));
+        assert_eq!(
+            t.queue_notifiers(),
+            [(QUEUE_NOTIFY, 0), (QUEUE_NOTIFY, 1), (QUEUE_NOTIFY, 2)]
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

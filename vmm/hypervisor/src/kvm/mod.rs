@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     kvm_fpu, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Cap, Kvm as KvmSys, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, IoEventAddress, Kvm as KvmSys, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd,
+};
 use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::{
@@ -79,6 +81,9 @@ impl crate::Hypervisor for Kvm {
             irqchip: self.kvm.check_extension(Cap::Irqchip),
             pit: self.kvm.check_extension(Cap::Pit2),
             irqfd: self.kvm.check_extension(Cap::Irqfd),
+            // Notifiers without datamatch match writes of any width.
+            ioeventfd: self.kvm.check_extension(Cap::Ioeventfd)
+                && self.kvm.check_extension(Cap::IoeventfdNoLength),
             max_vcpus: self.kvm.get_nr_vcpus(),
             max_memory_slots: self.kvm.get_nr_memslots(),
         }
@@ -197,6 +202,20 @@ impl crate::Vm for KvmVm {
 
     fn register_irqfd(&self, event: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd(event, gsi).map_err(op("KVM_IRQFD"))
+    }
+
+    fn register_mmio_notifier(
+        &self,
+        addr: u64,
+        datamatch: Option<u32>,
+        event: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<()> {
+        let addr = IoEventAddress::Mmio(addr);
+        match datamatch {
+            Some(v) => self.fd.register_ioevent(event, &addr, v),
+            None => self.fd.register_ioevent(event, &addr, NoDatamatch),
+        }
+        .map_err(op("KVM_IOEVENTFD"))
     }
 }
 
