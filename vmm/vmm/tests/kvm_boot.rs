@@ -56,8 +56,26 @@ fn kvm_usable() -> bool {
     ok
 }
 
+/// Which kernel image format to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// ELF vmlinux entered through its PVH note (the product's default).
+    Pvh,
+    /// bzImage entered at its 64-bit entry point.
+    BzImage,
+}
+
 #[test]
 fn boots_the_guest_kernel_to_init_on_kvm() {
+    boot_to_init(Format::Pvh);
+}
+
+#[test]
+fn boots_the_bzimage_to_init_on_kvm() {
+    boot_to_init(Format::BzImage);
+}
+
+fn boot_to_init(format: Format) {
     if !kvm_usable() {
         return;
     }
@@ -68,11 +86,15 @@ fn boots_the_guest_kernel_to_init_on_kvm() {
     let probe = Command::new(bin).arg("probe").output().unwrap();
     let real_kvm = probe.status.success();
     eprintln!("probe: {}", String::from_utf8_lossy(&probe.stdout).trim());
+    let (product, test) = match format {
+        Format::Pvh => ("vmlinux", "test/vmlinux-pvm-test"),
+        Format::BzImage => ("bzImage", "test/bzImage-pvm-test"),
+    };
     let (kernel, mut cmdline) = if real_kvm {
-        (dir.join("vmlinux"), berth_testkit::manifest(&dir).0)
+        (dir.join(product), berth_testkit::manifest(&dir).0)
     } else {
         (
-            dir.join("test/vmlinux-pvm-test"),
+            dir.join(test),
             "console=ttyS0 reboot=k panic=-1 root=/dev/vda ro rootfstype=erofs init=/sbin/berth-agent \
              i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
                 .to_owned(),
@@ -82,7 +104,7 @@ fn boots_the_guest_kernel_to_init_on_kvm() {
         // The instructions kvm_pvm's emulator trips on (see GUEST-TRIALS).
         cmdline.push_str(" clearcpuid=141,151,154,295,308");
     }
-    let scratch = Scratch::new("kvm-boot");
+    let scratch = Scratch::new(&format!("kvm-boot-{format:?}"));
     let console = scratch.0.join("console.log");
     let api_sock = scratch.0.join("vmm.sock");
     let mut cmd = Command::new(bin);
@@ -191,6 +213,16 @@ fn boots_the_guest_kernel_to_init_on_kvm() {
     BufReader::new(child.stderr.take().unwrap())
         .read_to_string(&mut err)
         .unwrap();
+    // The loader took the path we meant: PVH note, or bzImage's 64-bit entry.
+    let loaded_as = if format == Format::Pvh {
+        "(Pvh)"
+    } else {
+        "(Linux64)"
+    };
+    assert!(
+        err.contains(loaded_as),
+        "expected a {loaded_as} entry: {err}"
+    );
     if real_kvm {
         assert_eq!(status, Some(0), "{err}");
     } else {
