@@ -10,6 +10,7 @@
 //! | `console.log` | the guest console of the current (or last) boot |
 //! | `host-agent.log` | the host agent's own log |
 //! | `lock` | held (flock) by the host agent while the VM lives |
+//! | `vm.pids` | the driver's processes, so a host agent can end what a killed one left |
 //! | `agent.sock` | the host agent's control API |
 //! | `docker.sock` | the forwarded Docker API (mode 0600) |
 //! | `vsock.sock` | host side of the guest's vsock device |
@@ -99,6 +100,9 @@ impl StateDir {
     }
     pub fn lock(&self) -> PathBuf {
         self.file("lock")
+    }
+    pub fn vm_pids(&self) -> PathBuf {
+        self.file("vm.pids")
     }
     pub fn agent_sock(&self) -> PathBuf {
         self.file("agent.sock")

@@ -233,6 +233,14 @@ impl Machine {
         self.main.id()
     }
 
+    /// Every process of this VM: the VM process first, then the helpers.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.main)
+            .chain(&self.helpers)
+            .filter_map(|c| c.id())
+            .collect()
+    }
+
     /// Waits until the VM process exits.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         self.main.wait().await

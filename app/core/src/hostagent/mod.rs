@@ -191,6 +191,7 @@ pub async fn run(state: StateDir, image_dir: PathBuf) -> anyhow::Result<()> {
         notify: Notify::new(),
     });
 
+    end_orphans(&state);
     for s in state.sockets() {
         let _ = std::fs::remove_file(s);
     }
@@ -209,9 +210,47 @@ pub async fn run(state: StateDir, image_dir: PathBuf) -> anyhow::Result<()> {
     for s in state.sockets() {
         let _ = std::fs::remove_file(s);
     }
+    let _ = std::fs::remove_file(state.vm_pids());
     let _ = lock.set_len(0);
     drop(lock);
     result
+}
+
+/// Writes the VM's process ids, for [`end_orphans`].
+fn record_pids(state: &StateDir, pids: &[u32]) {
+    let text: String = pids.iter().map(|p| format!("{p}\n")).collect();
+    if let Err(e) = std::fs::write(state.vm_pids(), text) {
+        tracing::warn!("cannot record the VM's pids: {e}");
+    }
+}
+
+/// A host agent that was killed (not stopped) leaves its VM running, still
+/// holding the data disk. With the lock now ours, nobody else owns those
+/// processes: end each one that is still this VM's (its command line names
+/// this state directory), so the new VM can start.
+fn end_orphans(state: &StateDir) {
+    let Ok(text) = std::fs::read_to_string(state.vm_pids()) else {
+        return;
+    };
+    let ours = state.root.to_string_lossy().into_owned();
+    for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pid > 1 && String::from_utf8_lossy(&cmdline).contains(&ours) {
+            tracing::warn!("ending process {pid}, left running by a host agent that died");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            // Wait until it is gone (it is not our child: poll).
+            for _ in 0..100 {
+                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(state.vm_pids());
 }
 
 async fn forward_signals(shared: Arc<Shared>) {
@@ -254,6 +293,7 @@ async fn lifecycle(
     let t0 = Instant::now();
     let mut machine = Machine::launch(driver, &spec).await?;
     shared.update(|s| s.pid = machine.pid());
+    record_pids(state, &machine.pids());
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
 
     let outcome = tokio::select! {

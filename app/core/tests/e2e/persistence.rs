@@ -10,6 +10,7 @@ use super::{eventually, Case, Ctx, BB};
 pub const CASES: &[Case] = &[
     ("persist_across_berth_restart", across_restart),
     ("persist_synced_records_across_kill_9", across_kill),
+    ("persist_host_agent_killed_recovers", host_agent_killed),
     ("persist_disk_clean_after_stop", disk_clean_after_stop),
 ];
 
@@ -184,4 +185,54 @@ fn data_fs_kib(ctx: &Ctx) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("df output: {out}"))
+}
+
+/// `kill -9` of the host agent leaves the VM process orphaned; the next
+/// `berth start` ends it and starts a fresh VM on the same, intact disk.
+fn host_agent_killed(ctx: &Ctx) {
+    ctx.docker_ok(&["volume", "create", "e2e-orphan"]);
+    ctx.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "e2e-orphan:/data",
+        BB,
+        "sh",
+        "-c",
+        "echo orphan-ok > /data/f; sync",
+    ]);
+    let s = ctx.status();
+    let agent = s["host_agent_pid"].as_u64().unwrap() as i32;
+    let vm = s["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("berth status says stopped", Duration::from_secs(10), || {
+        ctx.status()["state"] == "stopped"
+    });
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm), None).is_ok(),
+        "the VM process outlives its host agent"
+    );
+    let out = ctx.berth_ok(&["start"]);
+    assert!(out.contains("Berth is running"), "{out}");
+    let s = ctx.status();
+    assert_ne!(s["pid"].as_u64().unwrap() as i32, vm);
+    let stat = std::fs::read_to_string(format!("/proc/{vm}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z"),
+        "the orphaned VM process {vm} still runs: {stat}"
+    );
+    let f = ctx.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "e2e-orphan:/data",
+        BB,
+        "cat",
+        "/data/f",
+    ]);
+    assert_eq!(f, "orphan-ok\n");
 }
