@@ -8,7 +8,7 @@
 //! write the console to `console.log`, so everything above them is the same.
 
 mod qemu;
-mod vmm;
+pub mod vmm;
 
 use std::fmt;
 

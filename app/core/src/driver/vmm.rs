@@ -5,6 +5,27 @@ use std::process::Stdio;
 use super::{Driver, DriverError, Machine, MachineSpec};
 use crate::paths::helper_binary;
 
+/// The `berth-vmm run` arguments for `spec`.
+pub fn run_args(spec: &MachineSpec) -> Vec<std::ffi::OsString> {
+    let st = &spec.state;
+    let mut a: Vec<std::ffi::OsString> = Vec::new();
+    let mut flag = |name: &str, value: std::ffi::OsString| {
+        a.push(name.into());
+        a.push(value);
+    };
+    flag("--kernel", spec.image.kernel.clone().into());
+    flag("--rootfs", spec.image.rootfs.clone().into());
+    flag("--data-disk", st.data_disk().into());
+    flag("--cpus", spec.cpus.to_string().into());
+    flag("--memory", spec.memory_mib.to_string().into());
+    flag("--console-log", st.console_log().into());
+    flag("--cmdline", spec.cmdline().into());
+    flag("--vsock", st.vsock_sock().into());
+    flag("--api-socket", st.vmm_sock().into());
+    a.insert(0, "run".into());
+    a
+}
+
 pub(super) async fn launch(spec: &MachineSpec) -> Result<Machine, DriverError> {
     let vmm = helper_binary("berth-vmm", "BERTH_VMM")?;
     let st = &spec.state;
@@ -24,25 +45,7 @@ pub(super) async fn launch(spec: &MachineSpec) -> Result<Machine, DriverError> {
         source,
     })?;
     let main = tokio::process::Command::new(vmm)
-        .arg("run")
-        .arg("--kernel")
-        .arg(&spec.image.kernel)
-        .arg("--rootfs")
-        .arg(&spec.image.rootfs)
-        .arg("--data-disk")
-        .arg(st.data_disk())
-        .arg("--cpus")
-        .arg(spec.cpus.to_string())
-        .arg("--memory")
-        .arg(spec.memory_mib.to_string())
-        .arg("--console-log")
-        .arg(st.console_log())
-        .arg("--cmdline")
-        .arg(spec.cmdline())
-        .arg("--vsock")
-        .arg(st.vsock_sock())
-        .arg("--api-socket")
-        .arg(st.vmm_sock())
+        .args(run_args(spec))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)

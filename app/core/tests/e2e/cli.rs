@@ -19,6 +19,7 @@ pub const CASES: &[Case] = &[
     ("cli_start_failure_reports_and_cleans_up", start_failure),
     ("cli_unusable_driver_is_explained", unusable_driver),
     ("cli_works_without_docker_cli", without_docker_cli),
+    ("cli_vmm_driver_arguments_accepted", vmm_driver_arguments),
 ];
 
 fn status_json(ctx: &Ctx) {
@@ -244,5 +245,31 @@ fn without_docker_cli(ctx: &Ctx) {
     assert!(
         text.contains("docker CLI is not installed") && text.contains("apt-get install"),
         "{text}"
+    );
+}
+
+/// The `vmm` driver can't boot Linux here, but berth-vmm must accept every
+/// argument the driver passes: it gets as far as validating the files.
+fn vmm_driver_arguments(ctx: &Ctx) {
+    use berth_core::driver::{vmm::run_args, Image, MachineSpec};
+    let state = berth_core::paths::StateDir::at(ctx.work.join("vmm-args"));
+    let spec = MachineSpec {
+        image: Image::load(&ctx.image_dir).unwrap(),
+        state: state.clone(),
+        cpus: 1,
+        memory_mib: 512,
+        cmdline_extra: "quiet".into(),
+    };
+    let args = run_args(&spec);
+    let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name("berth-vmm");
+    let out = std::process::Command::new(vmm)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{} does not exist", state.data_disk().display())),
+        "berth-vmm should get to validating the data disk: {err}"
     );
 }
