@@ -137,6 +137,34 @@ fn logs(ctx: &Ctx) {
     assert!(out.contains("berth-agent: docker-ready"), "{out}");
     let tail = ctx.berth_ok(&["logs", "-n", "3"]);
     assert!(tail.lines().count() <= 3, "{tail}");
+    // -f follows: a line the guest prints now shows up.
+    let mut follow = ctx
+        .berth_cmd(&["logs", "-f", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    // A watchdog: if the marker never comes, end `logs -f` so the read ends.
+    let pid = nix::unistd::Pid::from_raw(follow.id() as i32);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    ctx.berth_ok(&[
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "echo berth-logs-follow-marker > /dev/console",
+    ]);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let found = lines.any(|l| l.is_ok_and(|l| l.contains("berth-logs-follow-marker")));
+    let _ = done_tx.send(());
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(found, "berth logs -f did not show the new console line");
 }
 
 fn shell_command(ctx: &Ctx) {
