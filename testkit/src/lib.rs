@@ -253,20 +253,36 @@ pub fn uptime_of(line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no uptime_ms in {line:?}"))
 }
 
-/// A tar of a busybox-static root filesystem, for `docker import`.
+/// A tar of a busybox-static root filesystem, for `docker import` (no
+/// registry is reachable from CI): every applet, `/etc/passwd` and
+/// `/etc/group` with root and an unprivileged `app` (1000), `/tmp`, `/data`,
+/// and `/www/index.html` for busybox httpd. The tree stays in
+/// `work/bbroot`.
 pub fn busybox_rootfs_tar(work: &Path) -> PathBuf {
     let root = work.join("bbroot");
     let tar = work.join("busybox-rootfs.tar");
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("bin")).unwrap();
+    for d in ["bin", "etc", "tmp", "www", "data"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("busybox-static is needed (apt-get install busybox-static)");
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "uname", "cat", "sleep", "ls"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    let list = Command::new(busybox).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
     }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/tmp:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+    std::fs::write(root.join("www/index.html"), "hello from busybox httpd\n").unwrap();
     let st = Command::new("tar")
         .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
         .arg(&tar)

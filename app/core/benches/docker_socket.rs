@@ -132,20 +132,7 @@ fn main() {
             f.write_all(&chunk).unwrap();
         }
     }
-    let tar = work.join("bb.tar");
-    let root = work.join("bbroot/bin");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::copy("/bin/busybox", root.join("busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", root.join("sleep")).unwrap();
-    run({
-        let mut c = Command::new("tar");
-        c.arg("-cf")
-            .arg(&tar)
-            .arg("-C")
-            .arg(work.join("bbroot"))
-            .arg(".");
-        c
-    });
+    let tar = berth_testkit::busybox_rootfs_tar(&work);
     b.docker(&["import", tar.to_str().unwrap(), "bench/bb"]);
     b.docker(&[
         "run",

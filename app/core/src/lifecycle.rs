@@ -62,24 +62,11 @@ pub async fn status(state: &StateDir) -> Result<Status, LifecycleError> {
     }
     let cfg = Config::load(&state.config())?;
     Ok(Status {
-        state: VmState::Stopped,
-        phase: "stopped".into(),
-        driver: None,
         driver_reason: crate::driver::select(cfg.driver)
             .ok()
             .map(|s| format!("would use {}: {}", s.driver, s.reason)),
-        pid: None,
-        host_agent_pid: None,
-        uptime_s: None,
-        cpus: cfg.cpus,
-        memory_mib: cfg.memory_mib,
-        disk_gib: cfg.disk_gib,
-        docker_socket: state.docker_sock().display().to_string(),
-        docker_version: None,
-        boot_ms: None,
-        docker_context: None,
-        state_dir: state.root.display().to_string(),
         error: last_error(state),
+        ..Status::stopped(state, &cfg)
     })
 }
 

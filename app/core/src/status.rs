@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+use crate::paths::StateDir;
+
 /// Where the VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,4 +55,28 @@ pub struct Status {
     pub state_dir: String,
     /// Why the VM failed or stopped unexpectedly.
     pub error: Option<String>,
+}
+
+impl Status {
+    /// A stopped VM with these settings: the base every status starts from.
+    pub fn stopped(state: &StateDir, cfg: &Config) -> Status {
+        Status {
+            state: VmState::Stopped,
+            phase: "stopped".into(),
+            driver: None,
+            driver_reason: None,
+            pid: None,
+            host_agent_pid: None,
+            uptime_s: None,
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            disk_gib: cfg.disk_gib,
+            docker_socket: state.docker_sock().display().to_string(),
+            docker_version: None,
+            boot_ms: None,
+            docker_context: None,
+            state_dir: state.root.display().to_string(),
+            error: None,
+        }
+    }
 }

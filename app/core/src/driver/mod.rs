@@ -271,6 +271,19 @@ impl Machine {
     }
 }
 
+/// The host agent's log, as a child's stdout or stderr.
+fn log_stdio(state: &StateDir) -> Result<std::process::Stdio, DriverError> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(state.host_agent_log())
+        .map(Into::into)
+        .map_err(|source| DriverError::Spawn {
+            what: "the log file",
+            source,
+        })
+}
+
 /// Waits for a helper to create its socket, or fails with its exit.
 async fn wait_for_socket(
     child: &mut tokio::process::Child,

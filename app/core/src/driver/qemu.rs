@@ -3,7 +3,7 @@
 
 use std::process::Stdio;
 
-use super::{wait_for_socket, Accel, Driver, DriverError, Machine, MachineSpec};
+use super::{log_stdio, wait_for_socket, Accel, Driver, DriverError, Machine, MachineSpec};
 use crate::paths::{find_on_path, helper_binary};
 
 pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, DriverError> {
@@ -14,17 +14,7 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
     for s in [&vhost, &st.vsock_sock()] {
         let _ = std::fs::remove_file(s);
     }
-    let log = || -> Result<Stdio, DriverError> {
-        Ok(std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(st.host_agent_log())
-            .map_err(|source| DriverError::Spawn {
-                what: "the log file",
-                source,
-            })?
-            .into())
-    };
+    let log = || log_stdio(st);
 
     let mut backend = tokio::process::Command::new(&vmm)
         .args(["vhost-user", "vsock", "--socket"])

@@ -2,7 +2,7 @@
 
 use std::process::Stdio;
 
-use super::{Driver, DriverError, Machine, MachineSpec};
+use super::{log_stdio, Driver, DriverError, Machine, MachineSpec};
 use crate::paths::helper_binary;
 
 /// The `berth-vmm run` arguments for `spec`.
@@ -32,23 +32,11 @@ pub(super) async fn launch(spec: &MachineSpec) -> Result<Machine, DriverError> {
     for s in [st.vsock_sock(), st.vmm_sock()] {
         let _ = std::fs::remove_file(s);
     }
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(st.host_agent_log())
-        .map_err(|source| DriverError::Spawn {
-            what: "the log file",
-            source,
-        })?;
-    let log2 = log.try_clone().map_err(|source| DriverError::Spawn {
-        what: "the log file",
-        source,
-    })?;
     let main = tokio::process::Command::new(vmm)
         .args(run_args(spec))
         .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
+        .stdout(log_stdio(st)?)
+        .stderr(log_stdio(st)?)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| DriverError::Spawn {

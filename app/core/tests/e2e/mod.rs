@@ -7,7 +7,7 @@ mod containers;
 mod persistence;
 mod socket;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -96,45 +96,6 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A root filesystem tar of busybox-static with all its applets, for
-/// `docker import` (no registry is reachable from CI).
-pub fn busybox_tar(work: &Path) -> PathBuf {
-    let root = work.join("bbroot");
-    let tar = work.join("busybox.tar");
-    let _ = std::fs::remove_dir_all(&root);
-    for d in ["bin", "etc", "tmp", "www", "data"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is needed (apt-get install busybox-static)");
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    let list = Command::new(busybox).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
-        }
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/tmp:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
-    std::fs::write(root.join("www/index.html"), "hello from busybox httpd\n").unwrap();
-    let st = Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
-        .arg(&tar)
-        .arg("-C")
-        .arg(&root)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    tar
-}
-
 /// The local base image every case builds on.
 pub const BB: &str = "berth-e2e/busybox:1";
 
@@ -204,7 +165,7 @@ pub fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let (base, _) = {
-        let tar = busybox_tar(&ctx.work);
+        let tar = berth_testkit::busybox_rootfs_tar(&ctx.work);
         let o = ctx.docker_ok(&[
             "import",
             "--change",
