@@ -227,17 +227,9 @@ impl Config {
     }
 }
 
-/// Total memory of this host in MiB (from /proc/meminfo; a generous guess
-/// where that is missing).
+/// Total memory of this host in MiB (a generous guess where it can't be read).
 pub fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(16 * 1024, |kib| kib / 1024)
+    berth_hypervisor::host_memory_mib().unwrap_or(16 * 1024)
 }
 
 #[cfg(test)]

@@ -182,3 +182,16 @@ impl std::fmt::Debug for Kicker {
         f.write_str("Kicker")
     }
 }
+
+/// Total memory of this host in MiB, from /proc/meminfo; `None` where it
+/// can't be read. What a VM may be given is bounded by it.
+pub fn host_memory_mib() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+}

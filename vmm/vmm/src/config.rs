@@ -61,17 +61,9 @@ fn check_file(what: &'static str, path: &PathBuf, write: bool) -> Result<(), Con
         })
 }
 
-/// The host's memory in MiB (from /proc/meminfo).
+/// The host's memory in MiB (unbounded where /proc/meminfo is unreadable).
 pub fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|kib| kib / 1024)
-        .unwrap_or(u64::MAX)
+    berth_hypervisor::host_memory_mib().unwrap_or(u64::MAX)
 }
 
 impl VmConfig {
