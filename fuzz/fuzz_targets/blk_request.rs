@@ -1,20 +1,12 @@
-//! Guest-built virtio-blk requests against a small disk file.
+//! Guest-built virtio-blk requests against a small disk file, through the
+//! device's queue handler (the engine its worker thread runs).
 #![no_main]
 
-use std::sync::atomic::AtomicU32;
-use std::sync::Arc;
-
-use berth_devices::virtio::blk::Block;
-use berth_devices::virtio::device::{InterruptLine, QueueInterrupt, VirtioDevice};
+use berth_devices::virtio::blk::{Engine, FileStorage};
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
 mod common;
-
-struct NoIrq;
-impl InterruptLine for NoIrq {
-    fn trigger(&self) {}
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((mem, descs)) = common::load(data) else {
@@ -30,14 +22,10 @@ fuzz_target!(|data: &[u8]| {
     {
         return;
     }
-    let Ok(mut dev) = Block::open(&path, false) else {
+    let Ok(storage) = FileStorage::open(&path, false) else {
         return;
     };
-    let Ok(q) = vq.create_queue() else { return };
-    dev.activate(
-        mem.clone(),
-        vec![q],
-        QueueInterrupt::new(Arc::new(NoIrq), Arc::new(AtomicU32::new(0))),
-    );
-    dev.queue_notify(0);
+    let mut engine = Engine::new(Box::new(storage), false, *b"berth-fuzz-blk\0\0\0\0\0\0");
+    let Ok(mut q) = vq.create_queue() else { return };
+    engine.process(&mut q, &mem);
 });

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let dir = std::env::temp_dir().join(format!("berth-fuzz-vsock-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
-    let Ok(mut dev) = berth_devices::virtio::vsock::Vsock::new(3, &dir.join("v.sock")) else {
+    let Ok(mut dev) = berth_devices::virtio::vsock::Vsock::new(3, &dir.join("v.sock"), 64) else {
         return;
     };
     dev.process_tx(&mut q, &mem);

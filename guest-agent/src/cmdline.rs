@@ -13,6 +13,22 @@ pub struct Settings {
     pub selftest: Option<SelfTest>,
     /// Serve the byte echo port (`berth.echo=1`), for transport tests.
     pub echo: bool,
+    /// The host created the data disk and it was never formatted
+    /// (`berth.data_fresh=1`): a blank disk may be formatted. Without it a
+    /// blank disk is a damaged one and is refused.
+    pub data_fresh: bool,
+    /// Test mode (`berth.test.panic=main|task`): once Docker is ready the
+    /// agent panics on that path, to prove the safety net. Off unless asked.
+    pub test_panic: Option<PanicPath>,
+}
+
+/// Where a test-mode panic happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanicPath {
+    /// On the agent's main path.
+    Main,
+    /// Inside a spawned task.
+    Task,
 }
 
 /// `berth.selftest=<device>|none`: once Docker is ready, make sure the test
@@ -30,6 +46,8 @@ impl Default for Settings {
             hostname: "berth".to_owned(),
             selftest: None,
             echo: false,
+            data_fresh: false,
+            test_panic: None,
         }
     }
 }
@@ -46,6 +64,9 @@ pub fn parse(cmdline: &str) -> Settings {
             "berth.data" if value.starts_with("/dev/") => s.data_disk = PathBuf::from(value),
             "berth.hostname" if valid_hostname(value) => s.hostname = value.to_owned(),
             "berth.echo" => s.echo = value == "1",
+            "berth.data_fresh" => s.data_fresh = value == "1",
+            "berth.test.panic" if value == "main" => s.test_panic = Some(PanicPath::Main),
+            "berth.test.panic" if value == "task" => s.test_panic = Some(PanicPath::Task),
             "berth.selftest" if value == "none" => s.selftest = Some(SelfTest { image_tar: None }),
             "berth.selftest" if value.starts_with("/dev/") => {
                 s.selftest = Some(SelfTest {
@@ -97,8 +118,20 @@ mod tests {
     #[test]
     fn selftest_is_inert_unless_asked_and_bad_values_are_ignored() {
         let s = parse(
-            "berth.selftest berth.selftest=yes berth.data=vdb berth.hostname=-x berth.hostname=a_b",
+            "berth.selftest berth.selftest=yes berth.data=vdb berth.hostname=-x berth.hostname=a_b \
+             berth.test.panic berth.test.panic=yes berth.data_fresh=yes",
         );
         assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn test_modes_and_the_fresh_disk_word() {
+        let s = parse("berth.data_fresh=1 berth.test.panic=task");
+        assert!(s.data_fresh);
+        assert_eq!(s.test_panic, Some(PanicPath::Task));
+        assert_eq!(
+            parse("berth.test.panic=main").test_panic,
+            Some(PanicPath::Main)
+        );
     }
 }

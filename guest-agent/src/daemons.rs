@@ -93,6 +93,18 @@ pub fn backoff(consecutive_failures: u32) -> Duration {
 
 /// A run this long resets the backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// How long a SIGKILLed daemon's exit may take to be reported.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether `pid` is still a live process (not gone, not a zombie).
+fn process_exists(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
 
 /// Handle to one supervised daemon.
 #[derive(Debug, Clone)]
@@ -119,11 +131,12 @@ impl Supervised {
         self.restarts.load(Ordering::Relaxed)
     }
 
-    /// SIGTERM, then SIGKILL after `grace`; returns once it has exited.
+    /// SIGTERM, then SIGKILL after `grace`; returns once it has exited,
+    /// or (bounded) once it is certainly gone.
     pub async fn stop(&self, grace: Duration) {
         let (done_tx, done_rx) = oneshot::channel();
         if self.stop_tx.send((grace, done_tx)).await.is_ok() {
-            let _ = done_rx.await;
+            let _ = tokio::time::timeout(grace + KILL_WAIT * 2, done_rx).await;
         }
     }
 }
@@ -173,7 +186,16 @@ async fn supervise(
                     Err(_) => {
                         tracing::warn!("{} did not stop within {} s; killing it", spec.name, grace.as_secs());
                         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                        exited.await.ok()
+                        // Bounded: the exit comes from the reaper, and a
+                        // process the kernel has ended is gone either way.
+                        match tokio::time::timeout(KILL_WAIT, &mut exited).await {
+                            Ok(exit) => exit.ok(),
+                            Err(_) if !process_exists(pid) => Some(Exit::Signal(9)),
+                            Err(_) => {
+                                tracing::error!("{} did not end after SIGKILL within {} s", spec.name, KILL_WAIT.as_secs());
+                                None
+                            }
+                        }
                     }
                 };
                 let how = exit.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into());

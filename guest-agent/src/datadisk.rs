@@ -1,8 +1,12 @@
 //! The data disk: a second virtio-blk device holding Docker's state.
 //!
-//! Blank (all zeros at the start, as a fresh sparse file is) → formatted
-//! ext4. ext4 → `e2fsck -p`, then mounted. Anything else, or an ext4 that
-//! e2fsck cannot repair, is left untouched and dockerd is not started.
+//! Blank (all zeros at the start, as a fresh sparse file is) and marked
+//! fresh by the host (`berth.data_fresh=1`: the host just created it) →
+//! formatted ext4. ext4 → `e2fsck -p`, then mounted, with
+//! `errors=remount-ro`. Anything else — a foreign filesystem, an ext4
+//! that e2fsck cannot repair, or a blank disk the host did not just
+//! create (a used disk that lost its superblock reads as blank) — is left
+//! untouched and dockerd is not started.
 
 use std::fs;
 use std::io::Read;
@@ -23,6 +27,9 @@ pub const BINDS: &[(&str, &str)] = &[
     ("containerd", "/var/lib/containerd"),
     ("etc-docker", "/etc/docker"),
 ];
+
+/// ext4 options of the data disk.
+pub const MOUNT_OPTIONS: &str = "noinit_itable,errors=remount-ro";
 
 /// Bytes inspected to classify a disk.
 const PROBE_LEN: usize = 64 * 1024;
@@ -55,6 +62,8 @@ pub enum DiskError {
     Read(PathBuf, std::io::Error),
     #[error("{0} holds data that is not an ext4 filesystem; refusing to format it")]
     Foreign(PathBuf),
+    #[error("{0} has no filesystem signature, but it is not a new disk: its first blocks (the ext4 superblock) may have been lost. Nothing was changed. With Berth stopped, check it on the host with `e2fsck -n data.img` and repair it from a backup superblock with `e2fsck -b 32768 -B 4096 data.img`; or, to start over with an empty disk, delete data.img (this deletes every image, container and volume)")]
+    NotFresh(PathBuf),
     #[error("formatting {0} failed ({1}): {2}")]
     Format(PathBuf, Exit, String),
     #[error("{0} has filesystem errors e2fsck could not repair ({1}); left untouched: {2}")]
@@ -101,7 +110,7 @@ fn read_head(dev: &Path) -> Result<Vec<u8>, DiskError> {
 }
 
 /// Formats, checks and mounts the data disk. Returns the state to report.
-pub async fn prepare(reaper: &Reaper, dev: &Path) -> Result<DataDiskState, DiskError> {
+pub async fn prepare(reaper: &Reaper, dev: &Path, fresh: bool) -> Result<DataDiskState, DiskError> {
     if !dev.exists() {
         tracing::warn!(
             "no data disk at {}: Docker's state lives in memory and is lost at power off",
@@ -113,6 +122,7 @@ pub async fn prepare(reaper: &Reaper, dev: &Path) -> Result<DataDiskState, DiskE
     let devs = dev.to_string_lossy().into_owned();
     let state = match classify(&read_head(dev)?) {
         Content::Unknown => return Err(DiskError::Foreign(dev.to_owned())),
+        Content::Blank if !fresh => return Err(DiskError::NotFresh(dev.to_owned())),
         Content::Blank => {
             tracing::info!("data disk {devs} is blank: formatting it as ext4");
             // The disk is known to be zero (a fresh sparse file), so inode
@@ -162,7 +172,9 @@ pub async fn prepare(reaper: &Reaper, dev: &Path) -> Result<DataDiskState, DiskE
         MOUNT_POINT,
         Some("ext4"),
         MsFlags::MS_NOATIME,
-        Some("noinit_itable"),
+        // An I/O error makes the filesystem read-only rather than carry on
+        // writing over what may be inconsistent.
+        Some(MOUNT_OPTIONS),
     )
     .map_err(|e| DiskError::Mount(dev.to_owned(), MOUNT_POINT.into(), e))?;
     if state == DataDiskState::Mounted {

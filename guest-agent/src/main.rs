@@ -14,6 +14,7 @@ mod datadisk;
 mod docker_api;
 mod events;
 mod exec;
+mod fatal;
 mod init;
 mod process;
 mod reaper;
@@ -54,16 +55,17 @@ fn main() {
         .with_target(false)
         .with_writer(std::io::stdout)
         .init();
-    std::panic::set_hook(Box::new(|info| {
-        console::write_line(&format!("berth-agent: fatal panic {info}"));
-    }));
+    fatal::install_panic_hook();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build();
     match rt {
         Ok(rt) => rt.block_on(agent()),
-        Err(e) => console::write_line(&format!("berth-agent: fatal cannot start the runtime: {e}")),
+        Err(e) => {
+            console::write_line(&format!("berth-agent: fatal cannot start the runtime: {e}"));
+            fatal::emergency_stop("no runtime");
+        }
     }
     power_off();
 }
@@ -112,7 +114,7 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
     init::setup_cgroups().context("setting up cgroup v2")?;
     daemons::write_configs().context("writing daemon configuration")?;
 
-    let disk = match datadisk::prepare(&reaper, &settings.data_disk).await {
+    let disk = match datadisk::prepare(&reaper, &settings.data_disk, settings.data_fresh).await {
         Ok(state) => state,
         Err(e) => {
             shared.update(|s| s.data_disk = DataDiskState::Refused);
@@ -148,6 +150,9 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         &[("since_daemons_ms", &(now - agent_start).to_string())],
     );
 
+    if let Some(path) = settings.test_panic {
+        test_panic(path);
+    }
     if let Some(t) = settings.selftest {
         tokio::spawn(async move {
             if let Err(e) = selftest::run(&t).await {
@@ -176,19 +181,44 @@ async fn wait_docker_ready(shared: &Shared) {
 
 /// SIGTERM and SIGINT (ctrl-alt-del) ask for an orderly shutdown.
 fn watch_signals(shared: Arc<Shared>) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
-    tokio::spawn(async move {
-        loop {
-            let which = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT (ctrl-alt-del)",
+    // Registered once here, so a failure is a boot error; the supervised
+    // task re-registers (which cannot fail once it has worked).
+    drop(signal(SignalKind::terminate()).context("watching SIGTERM")?);
+    drop(signal(SignalKind::interrupt()).context("watching SIGINT")?);
+    fatal::spawn_essential("signals", move || {
+        let shared = shared.clone();
+        async move {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
             };
-            tracing::info!("{which}: starting an orderly shutdown");
-            shared.request_shutdown(ShutdownCause::Signal);
+            loop {
+                let which = tokio::select! {
+                    Some(_) = term.recv() => "SIGTERM",
+                    Some(_) = int.recv() => "SIGINT (ctrl-alt-del)",
+                    else => return,
+                };
+                tracing::info!("{which}: starting an orderly shutdown");
+                shared.request_shutdown(ShutdownCause::Signal);
+            }
         }
     });
     Ok(())
+}
+
+/// The test mode's deliberate panic (`berth.test.panic=`).
+fn test_panic(path: cmdline::PanicPath) {
+    console::milestone("test-panic", &[("path", &format!("{path:?}"))]);
+    match path {
+        cmdline::PanicPath::Main => panic!("test panic on the main path (berth.test.panic=main)"),
+        cmdline::PanicPath::Task => {
+            tokio::spawn(async {
+                panic!("test panic in a task (berth.test.panic=task)");
+            });
+        }
+    }
 }
 
 fn disk_word(d: DataDiskState) -> &'static str {

@@ -65,13 +65,22 @@ impl Reaper {
 
     fn start_with(reaper: Reaper) -> std::io::Result<Arc<Reaper>> {
         let reaper = Arc::new(reaper);
-        let mut sigchld = signal(SignalKind::child())?;
+        // Fails here, at boot, if SIGCHLD cannot be watched at all.
+        drop(signal(SignalKind::child())?);
         let r = reaper.clone();
-        tokio::spawn(async move {
-            loop {
-                r.reap_all();
-                if sigchld.recv().await.is_none() {
-                    break;
+        // Supervised: if this loop ever ended, every waiter on a child's
+        // exit would wait forever.
+        crate::fatal::spawn_essential("reaper", move || {
+            let r = r.clone();
+            async move {
+                let Ok(mut sigchld) = signal(SignalKind::child()) else {
+                    return;
+                };
+                loop {
+                    r.reap_all();
+                    if sigchld.recv().await.is_none() {
+                        return;
+                    }
                 }
             }
         });

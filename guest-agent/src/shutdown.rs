@@ -2,47 +2,159 @@
 
 use std::time::Duration;
 
+use berth_proto::shutdown::{CONTAINERD_GRACE, DOCKERD_GRACE, REAP_GRACE, STRAGGLER_GRACE};
+use hyper::Method;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::console;
+use crate::daemons::DOCKER_SOCKET;
 use crate::datadisk;
+use crate::docker_api;
 use crate::state::Shared;
 
-/// dockerd gives each container its stop timeout (10 s by default) and
-/// has its own 15 s shutdown timeout; allow both before killing it.
-const DOCKERD_GRACE: Duration = Duration::from_secs(35);
-const CONTAINERD_GRACE: Duration = Duration::from_secs(10);
-const STRAGGLER_GRACE: Duration = Duration::from_secs(3);
+/// Of dockerd's grace, what stopping the containers may take; the rest is
+/// dockerd's own exit.
+const CONTAINERS_GRACE: Duration = Duration::from_secs(DOCKERD_GRACE.as_secs() - 5);
+/// Names listed in the `containers-stopped` milestone, at most.
+const MAX_NAMES: usize = 10;
 
 /// Stops everything in order and flushes the disks. The caller powers off.
+/// Each step is bounded (`berth_proto::shutdown`): the whole fits in the
+/// budget the host waits before forcing the stop.
 pub async fn run(shared: &Shared) {
     console::milestone("shutdown-start", &[]);
+    let docker_ready = shared.phase() == berth_proto::Phase::Ready;
     shared.update(|s| s.phase = berth_proto::Phase::ShuttingDown);
     let daemons = shared.daemons();
-    // dockerd first: it stops the containers (SIGTERM, then SIGKILL after
-    // their stop timeout), then containerd.
-    for (name, grace) in [("dockerd", DOCKERD_GRACE), ("containerd", CONTAINERD_GRACE)] {
+    // The containers first, through the Docker API as `docker stop` does
+    // (SIGTERM, SIGKILL after each one's stop timeout), so the host can be
+    // told which ones had to be killed; then dockerd, then containerd.
+    let t0 = tokio::time::Instant::now();
+    if docker_ready {
+        stop_containers().await;
+    }
+    let dockerd_left = DOCKERD_GRACE
+        .saturating_sub(t0.elapsed())
+        .max(Duration::from_secs(5));
+    for (name, grace) in [("dockerd", dockerd_left), ("containerd", CONTAINERD_GRACE)] {
         if let Some(d) = daemons.iter().find(|d| d.name == name) {
             d.stop(grace).await;
         }
     }
     // Anything left (shims, docker-proxy, orphans): SIGTERM, then SIGKILL.
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + STRAGGLER_GRACE;
-    while tokio::time::Instant::now() < deadline && others_alive() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_others_gone(STRAGGLER_GRACE).await;
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    // A killed process holds its files until it has exited: unmounting
+    // before that fails with EBUSY.
+    if !wait_others_gone(REAP_GRACE).await {
+        tracing::warn!(
+            "processes still alive {} s after SIGKILL",
+            REAP_GRACE.as_secs()
+        );
+    }
     nix::unistd::sync();
     unmount_data();
     nix::unistd::sync();
     console::milestone("power-off", &[]);
 }
 
+/// Waits until no process but PID 1 is left, at most `limit`; whether
+/// they are all gone.
+async fn wait_others_gone(limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if !others_alive() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops every running container in parallel and reports, as the
+/// `containers-stopped` milestone, how many there were and which had to
+/// be killed after ignoring SIGTERM for their stop timeout.
+async fn stop_containers() {
+    let list = docker_api::call_ok(
+        DOCKER_SOCKET,
+        Method::GET,
+        "/containers/json",
+        None,
+        Duration::from_secs(5),
+    )
+    .await;
+    let running: Vec<(String, String)> = match list
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|c| {
+                let id = c["Id"].as_str()?.to_owned();
+                let name = c["Names"][0].as_str().unwrap_or("").trim_start_matches('/');
+                Some((id, name.to_owned()))
+            })
+            .collect(),
+        _ => {
+            tracing::warn!("cannot list the containers; dockerd stops them itself");
+            return;
+        }
+    };
+    let stops: Vec<_> = running
+        .iter()
+        .map(|(id, _)| {
+            let path = format!("/containers/{id}/stop");
+            tokio::spawn(async move {
+                docker_api::call_ok(DOCKER_SOCKET, Method::POST, &path, None, CONTAINERS_GRACE)
+                    .await
+            })
+        })
+        .collect();
+    for s in stops {
+        if let Ok(Err(e)) = s.await {
+            tracing::warn!("stopping a container: {e}");
+        }
+    }
+    let mut killed = Vec::new();
+    for (id, name) in &running {
+        let state = docker_api::call_ok(
+            DOCKER_SOCKET,
+            Method::GET,
+            &format!("/containers/{id}/json"),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let Some(st) = state else { continue };
+        let st = &st["State"];
+        // 128 + SIGKILL, and not the kernel's OOM killer.
+        if st["ExitCode"].as_i64() == Some(137) && st["OOMKilled"].as_bool() != Some(true) {
+            killed.push(name.clone());
+        }
+    }
+    let mut names: Vec<String> = killed.iter().take(MAX_NAMES).cloned().collect();
+    if killed.len() > MAX_NAMES {
+        names.push("…".into());
+    }
+    console::milestone(
+        "containers-stopped",
+        &[
+            ("total", &running.len().to_string()),
+            ("killed", &killed.len().to_string()),
+            ("killed_names", &names.join(",")),
+        ],
+    );
+}
+
 /// Whether any process other than PID 1 (and kernel threads) remains.
-fn others_alive() -> bool {
+pub(crate) fn others_alive() -> bool {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return false;
     };

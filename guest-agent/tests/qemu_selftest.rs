@@ -50,7 +50,8 @@ fn guest_image_under_qemu() {
         work,
         data_disk: Some(&data),
         extra_disk: Some(&tar),
-        extra_cmdline: "berth.selftest=/dev/vdc",
+        // The host says the disk is new: only then may a blank one be formatted.
+        extra_cmdline: "berth.selftest=/dev/vdc berth.data_fresh=1",
         name: "boot1",
         vhost_user_vsock: None,
     });
@@ -192,4 +193,107 @@ fn guest_image_under_qemu() {
         bytes,
         "a refused disk must be left untouched"
     );
+
+    // Boot 5: the used data disk loses its first 64 KiB (the primary
+    // superblock): it now reads as blank, but the host does not say it is
+    // new, so it is refused, not reformatted, and not modified.
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.write_all(&[0u8; 64 << 10]).unwrap();
+    }
+    let before = berth_testkit::data_digest(&data);
+    let mut g = Guest::boot(Boot {
+        dir: &dir,
+        work,
+        data_disk: Some(&data),
+        extra_disk: None,
+        extra_cmdline: "berth.selftest=none",
+        name: "boot5",
+        vhost_user_vsock: None,
+    });
+    assert_eq!(g.wait_exit(BOOT), 0);
+    let console = g.console();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.contains("data-disk") && l.contains("state=refused")),
+        "{}",
+        g.tail(30)
+    );
+    assert!(console.iter().any(|l| l.contains("e2fsck -b 32768")));
+    assert!(!console.iter().any(|l| l.contains("dockerd-started")));
+    assert_eq!(
+        berth_testkit::data_digest(&data),
+        before,
+        "the damaged disk must be left untouched"
+    );
+    // The recovery the message gives works: the backup superblock brings
+    // the filesystem back.
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-f", "-y", "-b", "32768", "-B", "4096"])
+        .arg(&data)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.code().is_some_and(|c| c <= 1),
+        "e2fsck -b: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+
+    // Boots 6 and 7: a panic in PID 1, in a spawned task and on the main
+    // path (test mode, inert otherwise), ends the VM at once through the
+    // safety net: no kernel panic, the disks synced, and the next boot
+    // mounts the data disk.
+    for (name, path) in [("boot6", "task"), ("boot7", "main")] {
+        let cmdline = format!("berth.test.panic={path}");
+        let mut g = Guest::boot(Boot {
+            dir: &dir,
+            work,
+            data_disk: Some(&data),
+            extra_disk: None,
+            extra_cmdline: &cmdline,
+            name,
+            vhost_user_vsock: None,
+        });
+        g.wait_for("berth-agent: test-panic", BOOT);
+        assert_eq!(
+            g.wait_exit(BOOT),
+            0,
+            "the VM ends after a panic in PID 1 ({path})"
+        );
+        let console = g.console();
+        assert_in_order(
+            &console,
+            &["berth-agent: fatal panic", "berth-agent: emergency-stop"],
+        );
+        assert!(
+            !console.iter().any(|l| l.contains("Kernel panic")),
+            "{}",
+            g.tail(30)
+        );
+    }
+    let mut g = Guest::boot(Boot {
+        dir: &dir,
+        work,
+        data_disk: Some(&data),
+        extra_disk: None,
+        extra_cmdline: "berth.selftest=none",
+        name: "boot8",
+        vhost_user_vsock: None,
+    });
+    assert_eq!(g.wait_exit(BOOT), 0);
+    let console = g.console();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.contains("data-disk") && l.contains("state=mounted")),
+        "{}",
+        g.tail(30)
+    );
+    assert!(console
+        .iter()
+        .any(|l| l.contains("selftest-image") && l.contains("present=true")));
 }

@@ -301,6 +301,39 @@ pub fn sparse_disk(path: &Path, size: u64) {
     f.set_len(size).unwrap();
 }
 
+/// A digest of a (sparse) file's contents: every data extent's offset and
+/// bytes, found with SEEK_DATA/SEEK_HOLE so a 64 GiB sparse disk is read
+/// in the time its allocated part takes. Equal digests: equal files.
+pub fn data_digest(path: &Path) -> u64 {
+    use std::hash::Hasher;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsFd;
+    let mut f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write_u64(len);
+    let mut pos: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while (pos as u64) < len {
+        let Ok(start) = nix::unistd::lseek(f.as_fd(), pos, nix::unistd::Whence::SeekData) else {
+            break; // no more data
+        };
+        let end = nix::unistd::lseek(f.as_fd(), start, nix::unistd::Whence::SeekHole)
+            .unwrap_or(len as i64);
+        h.write_i64(start);
+        f.seek(SeekFrom::Start(start as u64)).unwrap();
+        let mut left = (end - start) as usize;
+        while left > 0 {
+            let n = left.min(buf.len());
+            f.read_exact(&mut buf[..n]).unwrap();
+            h.write(&buf[..n]);
+            left -= n;
+        }
+        pos = end;
+    }
+    h.finish()
+}
+
 /// A scratch directory that is removed at the end of the test.
 #[derive(Debug)]
 pub struct Scratch(pub PathBuf);

@@ -31,7 +31,8 @@ pub enum ConfigError {
 }
 
 /// Names `berth config get|set` accepts.
-pub const KEYS: &str = "cpus, memory_mib, disk_gib, cmdline_extra, driver, switch_docker_context";
+pub const KEYS: &str =
+    "cpus, memory_mib, disk_gib, cmdline_extra, driver, switch_docker_context, log_max_mib";
 
 /// Settings of one VM. Every field has a default, so a missing or partial
 /// file is fine.
@@ -51,6 +52,9 @@ pub struct Config {
     pub driver: DriverChoice,
     /// Make the `berth` docker context the current one on start.
     pub switch_docker_context: bool,
+    /// `console.log` and `host-agent.log` are each rotated to `<name>.1`
+    /// when they reach this size, so at most twice this is kept of each.
+    pub log_max_mib: u64,
 }
 
 impl Default for Config {
@@ -62,6 +66,7 @@ impl Default for Config {
             cmdline_extra: String::new(),
             driver: DriverChoice::Auto,
             switch_docker_context: true,
+            log_max_mib: 8,
         }
     }
 }
@@ -136,6 +141,12 @@ impl Config {
                 message: format!("{} GiB is out of range 4..=16384", self.disk_gib),
             });
         }
+        if !(1..=1024).contains(&self.log_max_mib) {
+            return Err(ConfigError::Invalid {
+                key: "log_max_mib",
+                message: format!("{} MiB is out of range 1..=1024", self.log_max_mib),
+            });
+        }
         if self.cmdline_extra.len() > 1024
             || self
                 .cmdline_extra
@@ -158,6 +169,7 @@ impl Config {
             "cmdline_extra" => self.cmdline_extra.clone(),
             "driver" => self.driver.to_string(),
             "switch_docker_context" => self.switch_docker_context.to_string(),
+            "log_max_mib" => self.log_max_mib.to_string(),
             other => return Err(ConfigError::UnknownKey(other.to_owned())),
         })
     }
@@ -202,6 +214,10 @@ impl Config {
             }
             "cmdline_extra" => {
                 next.cmdline_extra = value.to_owned();
+                Applies::NextStart
+            }
+            "log_max_mib" => {
+                next.log_max_mib = num("log_max_mib", value)?;
                 Applies::NextStart
             }
             "driver" => {
@@ -263,6 +279,8 @@ mod tests {
             ("memory_mib", "100"),
             ("memory_mib", "99999999"),
             ("disk_gib", "1"),
+            ("log_max_mib", "0"),
+            ("log_max_mib", "2000"),
             ("cmdline_extra", "a\nb"),
             ("driver", "vbox"),
             ("switch_docker_context", "maybe"),

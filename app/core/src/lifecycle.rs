@@ -10,7 +10,7 @@ use hyper::Method;
 use crate::config::{Config, ConfigError};
 use crate::http::request_json;
 use crate::paths::{image_dir, PathError, StateDir};
-use crate::status::{Status, VmState};
+use crate::status::{Status, StopReport, VmState};
 
 /// Errors of lifecycle operations, each with something the user can do.
 #[derive(Debug, thiserror::Error)]
@@ -183,18 +183,27 @@ fn spawn_host_agent(state: &StateDir, image: &Path) -> Result<std::process::Chil
         .map_err(LifecycleError::Spawn)
 }
 
+/// How [`stop`] ended.
+#[derive(Debug)]
+pub enum Stopped {
+    NotRunning,
+    /// Stopped now; how, as the host agent recorded it.
+    Now(Option<StopReport>),
+}
+
 /// Stops the VM: orderly shutdown; with `force`, killed if it takes longer
-/// than `force_after`. Returns false if it was not running.
+/// than `force_after`.
 pub async fn stop(
     state: &StateDir,
     force: bool,
     force_after: Duration,
     mut progress: impl FnMut(&str),
-) -> Result<bool, LifecycleError> {
+) -> Result<Stopped, LifecycleError> {
     let Some(s) = agent_status(state).await else {
-        return Ok(false);
+        return Ok(Stopped::NotRunning);
     };
     let pid = s.host_agent_pid;
+    let before = StopReport::load(state).map(|r| r.at_unix);
     post(state, "/stop").await?;
     progress("stopping: containers, then power off");
     let graceful_limit = crate::hostagent::STOP_TIMEOUT + Duration::from_secs(15);
@@ -203,7 +212,9 @@ pub async fn stop(
     loop {
         let alive = pid.is_some_and(process_alive) || agent_status(state).await.is_some();
         if !alive {
-            return Ok(true);
+            // The report this stop wrote (not an older one).
+            let report = StopReport::load(state).filter(|r| Some(r.at_unix) != before);
+            return Ok(Stopped::Now(report));
         }
         if force && !killed && t0.elapsed() > force_after {
             progress("the guest did not stop in time; killing the VM");

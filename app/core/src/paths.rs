@@ -16,7 +16,11 @@
 //! | `vsock.sock` | host side of the guest's vsock device |
 //! | `vmm.sock` | berth-vmm's own API (driver `vmm`) |
 //! | `vhost-vsock.sock` | vhost-user socket between QEMU and our vsock backend (driver `qemu`) |
-//! | `qemu.monitor` | QEMU's monitor (driver `qemu`) |
+//! | `qemu.monitor`, `qmp.sock` | QEMU's monitor and its QMP socket (driver `qemu`) |
+//! | `console.sock` | QEMU writes the guest console here; the host agent writes `console.log` (driver `qemu`) |
+//! | `vsock.sock_1025` | the guest agent's milestones, pushed to the host agent |
+//! | `data.img.fresh` | the host made `data.img` and the guest has not formatted it yet |
+//! | `last-stop.json` | how the VM last stopped, for `berth stop` and `berth status` |
 
 use std::path::{Path, PathBuf};
 
@@ -122,14 +126,37 @@ impl StateDir {
     pub fn qemu_monitor(&self) -> PathBuf {
         self.file("qemu.monitor")
     }
+    pub fn qmp_sock(&self) -> PathBuf {
+        self.file("qmp.sock")
+    }
+    pub fn console_sock(&self) -> PathBuf {
+        self.file("console.sock")
+    }
+    /// Where the guest agent's milestones arrive (guest port
+    /// [`berth_proto::EVENTS_PORT`] on the host side).
+    pub fn events_sock(&self) -> PathBuf {
+        self.file(&format!("vsock.sock_{}", berth_proto::EVENTS_PORT))
+    }
+    /// Present while `data.img` was created by the host and not formatted
+    /// yet: only then may the guest format a blank disk.
+    pub fn data_disk_fresh(&self) -> PathBuf {
+        self.file("data.img.fresh")
+    }
+    pub fn last_stop(&self) -> PathBuf {
+        self.file("last-stop.json")
+    }
     /// Sockets removed when the VM stops (stale ones would mislead clients).
-    pub fn sockets(&self) -> [PathBuf; 5] {
+    pub fn sockets(&self) -> [PathBuf; 9] {
         [
             self.agent_sock(),
             self.docker_sock(),
             self.vsock_sock(),
             self.vmm_sock(),
             self.vhost_vsock_sock(),
+            self.qmp_sock(),
+            self.console_sock(),
+            self.events_sock(),
+            self.qemu_monitor(),
         ]
     }
 }

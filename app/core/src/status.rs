@@ -29,7 +29,7 @@ impl std::fmt::Display for VmState {
 
 /// A status snapshot. Fields that only make sense while the VM runs are
 /// `null` otherwise.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub state: VmState,
     /// What is happening now, for people ("booting the guest", …).
@@ -55,6 +55,65 @@ pub struct Status {
     pub state_dir: String,
     /// Why the VM failed or stopped unexpectedly.
     pub error: Option<String>,
+    /// Something the user should know while the VM runs (e.g. the host
+    /// disk is full and the VM waits for space).
+    #[serde(default)]
+    pub warning: Option<String>,
+    /// How the VM last stopped (from `last-stop.json`).
+    #[serde(default)]
+    pub last_stop: Option<StopReport>,
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopHow {
+    /// The guest shut down in order and powered off.
+    Clean,
+    /// The VM process was killed: on request, or because the guest did
+    /// not power off within the shutdown budget or could not be reached.
+    Forced,
+    /// The VM process ended without being asked to.
+    Crashed,
+}
+
+/// What the host agent records when the VM stops (`last-stop.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopReport {
+    pub how: StopHow,
+    /// A sentence for people: what happened, and what it means.
+    pub message: String,
+    /// Seconds from the stop request (or the crash) to the VM's end.
+    pub seconds: f64,
+    /// Unix time of the stop.
+    pub at_unix: u64,
+}
+
+impl StopReport {
+    pub fn new(how: StopHow, message: String, seconds: f64) -> StopReport {
+        let at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        StopReport {
+            how,
+            message,
+            seconds,
+            at_unix,
+        }
+    }
+
+    /// Reads `last-stop.json`, if any.
+    pub fn load(state: &StateDir) -> Option<StopReport> {
+        let text = std::fs::read_to_string(state.last_stop()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `last-stop.json` (atomically).
+    pub fn save(&self, state: &StateDir) -> std::io::Result<()> {
+        let tmp = state.root.join("last-stop.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap_or_default())?;
+        std::fs::rename(tmp, state.last_stop())
+    }
 }
 
 impl Status {
@@ -77,6 +136,8 @@ impl Status {
             docker_context: None,
             state_dir: state.root.display().to_string(),
             error: None,
+            warning: None,
+            last_stop: StopReport::load(state),
         }
     }
 }

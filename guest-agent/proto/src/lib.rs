@@ -14,6 +14,7 @@
 pub mod exec;
 mod frame;
 mod message;
+pub mod shutdown;
 
 #[cfg(feature = "tokio")]
 pub use exec::{read_exec_frame, write_exec_frame};

@@ -15,6 +15,8 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory_mib: u64,
     pub console_log: Option<PathBuf>,
+    /// The console log is rotated when it reaches this many bytes.
+    pub console_log_max: u64,
     pub console_stdout: bool,
     /// The kernel command line (berth-vmm adds its virtio_mmio.device words).
     pub cmdline: String,
@@ -22,6 +24,9 @@ pub struct VmConfig {
     /// Host side of the vsock device (Firecracker's convention), if any.
     pub vsock_uds: Option<PathBuf>,
     pub guest_cid: u64,
+    /// Most host connections the vsock device holds at once (sized from
+    /// the process's open-file limit).
+    pub vsock_max_conns: usize,
     /// Run even if the hypervisor probe says a stock Linux can't (tests on
     /// kvm_pvm with a kernel made for it).
     pub ignore_probe: bool,
@@ -105,11 +110,13 @@ mod tests {
             cpus: 1,
             memory_mib: 256,
             console_log: None,
+            console_log_max: 1 << 20,
             console_stdout: false,
             cmdline: String::new(),
             api_socket: None,
             vsock_uds: None,
             guest_cid: 3,
+            vsock_max_conns: 16,
             ignore_probe: false,
         }
     }

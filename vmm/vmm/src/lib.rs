@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod event_loop;
+pub mod exit;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod vm;

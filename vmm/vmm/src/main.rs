@@ -70,9 +70,16 @@ struct RunArgs {
     /// Serve the control API (HTTP + JSON) on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Seconds a graceful shutdown (SIGTERM) may take before the VM is stopped.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a graceful shutdown (SIGTERM, `PUT /shutdown`) may take
+    /// before the VM is stopped by force (exit code 5). The default is the
+    /// budget every Berth component shares, longer than the guest agent's
+    /// worst case.
+    #[arg(long, default_value_t = berth_proto::shutdown::BUDGET.as_secs())]
     shutdown_timeout: u64,
+    /// Rotate the console log to `<console-log>.1` when it reaches this
+    /// many bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    console_log_max: u64,
     /// Boot even where the probe says a stock Linux can't run (for kernels
     /// made for this host, like the kvm_pvm test kernel).
     #[arg(long)]
@@ -111,9 +118,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let fd_limit = raise_fd_limit();
     match cli.command {
         Command::VhostUser(VhostUserDevice::Vsock { socket, uds, guest_cid }) => {
-            match vhost_user::vsock::serve(&socket, &uds, guest_cid) {
+            let max_conns = vsock_cap(fd_limit);
+            tracing::info!("vhost-user vsock: at most {max_conns} connections (open-file limit {fd_limit})");
+            match vhost_user::vsock::serve(&socket, &uds, guest_cid, max_conns) {
                 Ok(m) => {
                     tracing::info!("vhost-user vsock: VMM disconnected; {m:?}");
                     ExitCode::SUCCESS
@@ -129,8 +139,25 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&format!("{e}. Check that /dev/kvm exists and that you may open it (e.g. add yourself to the kvm group).")),
         },
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, fd_limit),
     }
+}
+
+/// Raises the open-file limit as far as allowed; returns the limit in force.
+fn raise_fd_limit() -> u64 {
+    match berth_limits::fds::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            let n = berth_limits::fds::current_nofile_limit();
+            tracing::warn!("cannot raise the open-file limit ({e}); it stays at {n}");
+            n
+        }
+    }
+}
+
+/// vsock connections this process can hold: one descriptor each.
+fn vsock_cap(fd_limit: u64) -> usize {
+    berth_limits::fds::connection_cap(fd_limit, 1, berth_devices::virtio::vsock::MAX_CONNS)
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -138,7 +165,7 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run(a: RunArgs) -> ExitCode {
+fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
     let cfg = VmConfig {
         kernel: a.kernel,
         rootfs: a.rootfs,
@@ -151,6 +178,8 @@ fn run(a: RunArgs) -> ExitCode {
         api_socket: a.api_socket.clone(),
         vsock_uds: a.vsock.clone(),
         guest_cid: a.guest_cid,
+        vsock_max_conns: vsock_cap(fd_limit),
+        console_log_max: a.console_log_max,
         ignore_probe: a.ignore_probe,
     };
     if let Err(e) = cfg.validate() {
@@ -202,11 +231,7 @@ fn run(a: RunArgs) -> ExitCode {
             *requested = Some(Instant::now());
         }
         if requested.is_some_and(|t| t.elapsed() > grace) {
-            tracing::warn!(
-                "the guest did not power off within {} s; stopping it",
-                a.shutdown_timeout
-            );
-            break ExitReason::PowerOff;
+            break ExitReason::ForcedStop;
         }
     };
     let reason = if reason == ExitReason::PowerOff && running.devices.guest_panicked() {
@@ -217,6 +242,10 @@ fn run(a: RunArgs) -> ExitCode {
     running.stop();
     match &reason {
         ExitReason::PowerOff => tracing::info!("guest powered off"),
+        ExitReason::ForcedStop => eprintln!(
+            "berth-vmm: the guest did not power off within {} s of the shutdown request; stopped it by force (its disks may need a check)",
+            a.shutdown_timeout
+        ),
         ExitReason::GuestPanic => {
             eprintln!("berth-vmm: the guest kernel panicked (see the console log)")
         }

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use berth_hypervisor::{IoHandler, Kicker, Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 
-use crate::vm::ExitReason;
+use crate::exit::ExitReason;
 
 /// What the VMM asks of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,31 +244,41 @@ mod tests {
     fn pause_resume_stop() {
         let log = Log::default();
         let (tx, rx) = mpsc::channel();
-        // Interrupted exits keep the vCPU running until its script ends;
-        // the script is long enough that a loaded machine cannot run it to
-        // the end before the pause arrives (1,000 steps did, once, in CI).
-        let script = vec![Step::Exit(VcpuExit::Interrupted); 200_000]
-            .into_iter()
-            .chain([
+        // Every step writes a port, so a running vCPU visibly makes
+        // progress; the script is long enough that a loaded machine cannot
+        // finish it before the pause arrives.
+        const STEPS: usize = 200_000;
+        let script = std::iter::repeat_n(
+            [
                 Step::PioWrite(0x10, vec![1]),
-                Step::Exit(VcpuExit::Shutdown),
-            ])
-            .collect();
+                Step::Exit(VcpuExit::Interrupted),
+            ],
+            STEPS,
+        )
+        .flatten()
+        .chain([Step::Exit(VcpuExit::Shutdown)])
+        .collect();
         let h = spawn(vcpu(script), 0, log.clone(), tx, None).unwrap();
+        let running = || log.0.lock().unwrap().len();
+        for _ in 0..5000 {
+            if running() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(running() > 0, "the vCPU runs its script");
         h.send(Command::Pause);
         wait_state(&h, State::Paused);
-        let seen = log.0.lock().unwrap().len();
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(
-            log.0.lock().unwrap().len(),
-            seen,
-            "a paused vCPU does not run"
-        );
+        let seen = running();
+        assert!(seen < STEPS, "paused before the script ended");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(running(), seen, "a paused vCPU does not run");
         h.send(Command::Resume);
         assert_eq!(
-            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            rx.recv_timeout(Duration::from_secs(30)).unwrap(),
             ExitReason::TripleFault
         );
+        assert_eq!(running(), STEPS, "resumed where it stopped");
         h.stop();
     }
 }

@@ -3,6 +3,7 @@
 //! the caller's loop, and one event loop for device queues, the vsock host
 //! sockets and the control API.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -10,7 +11,7 @@ use berth_devices::legacy::i8042::{I8042Host, I8042};
 use berth_devices::legacy::serial::{ConsoleOut, IrqTrigger, SerialConsole};
 use berth_devices::virtio::blk::Block;
 use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
-use berth_devices::virtio::mmio::MmioTransport;
+use berth_devices::virtio::mmio::{MmioTransport, INTERRUPT_STATUS};
 use berth_devices::virtio::rng::Rng;
 use berth_devices::virtio::vsock::VsockDevice;
 use berth_hypervisor::{Hypervisor, IoHandler, Vcpu, Vm};
@@ -49,27 +50,7 @@ pub enum BuildError {
     Probe(String),
 }
 
-/// How the VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest reset the machine (its power-off path with `reboot=k`).
-    PowerOff,
-    GuestPanic,
-    TripleFault,
-    Error(String),
-}
-
-impl ExitReason {
-    /// The process exit code for this reason.
-    pub fn code(&self) -> i32 {
-        match self {
-            ExitReason::PowerOff => 0,
-            ExitReason::GuestPanic => 2,
-            ExitReason::TripleFault => 3,
-            ExitReason::Error(_) => 4,
-        }
-    }
-}
+pub use crate::exit::ExitReason;
 
 /// Raises one GSI through an irqfd.
 struct IrqLine(EventFd);
@@ -99,6 +80,8 @@ pub struct Devices {
     serial: Mutex<SerialConsole>,
     i8042: Mutex<I8042<KbdHost>>,
     mmio: Vec<Mutex<MmioTransport>>,
+    /// Each transport's InterruptStatus, read without its lock.
+    irq_status: Vec<Arc<AtomicU32>>,
 }
 
 const SERIAL_PORT: u16 = 0x3f8;
@@ -219,6 +202,12 @@ impl IoHandler for Dispatch {
 
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
         match self.0.mmio_slot(addr) {
+            // The driver's interrupt handler reads this on every interrupt:
+            // it never waits for the device's lock.
+            Some((slot, INTERRUPT_STATUS)) if data.len() == 4 => {
+                let v = self.0.irq_status[slot].load(Ordering::SeqCst);
+                data.copy_from_slice(&v.to_le_bytes());
+            }
             Some((slot, off)) => self.0.mmio[slot]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -304,7 +293,7 @@ where
     // Legacy devices.
     let console_file = match &cfg.console_log {
         Some(p) => Some(
-            std::fs::File::create(p)
+            berth_limits::RotatingLog::open(p, cfg.console_log_max)
                 .map_err(|e| BuildError::Console(p.display().to_string(), e))?,
         ),
         None => None,
@@ -329,7 +318,7 @@ where
     }
     virtio.push(Box::new(Rng::default()));
     let vsock = match &cfg.vsock_uds {
-        Some(uds) => Some(VsockDevice::new(cfg.guest_cid, uds)?),
+        Some(uds) => Some(VsockDevice::new(cfg.guest_cid, uds, cfg.vsock_max_conns)?),
         None => None,
     };
     if let Some(v) = &vsock {
@@ -346,10 +335,19 @@ where
         )));
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{gsi}"));
     }
+    let irq_status = mmio
+        .iter()
+        .map(|t| {
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .interrupt_status()
+        })
+        .collect();
     let devices = Arc::new(Devices {
         serial: Mutex::new(serial),
         i8042: Mutex::new(i8042),
         mmio,
+        irq_status,
     });
     let events = start_event_loop(&*vm, hv.capabilities().ioeventfd, &devices, vsock)?;
 

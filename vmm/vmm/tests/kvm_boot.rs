@@ -329,9 +329,13 @@ fn shutdown_request_is_forced_after_its_timeout() {
     let t0 = Instant::now();
     assert_eq!(api(&api_sock, "PUT", "/shutdown").0, 202);
     assert!(api(&api_sock, "GET", "/status").1.contains("shutting_down"));
-    assert_eq!(wait(&mut child, Duration::from_secs(60)), Some(0));
+    // A forced stop is not a power-off: exit code 5, and it says so.
+    assert_eq!(wait(&mut child, Duration::from_secs(60)), Some(5));
     assert!(
         t0.elapsed() >= Duration::from_secs(2),
         "forced only after the timeout"
     );
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("stopped it by force"), "{err}");
 }

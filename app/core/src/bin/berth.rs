@@ -9,12 +9,14 @@ use berth_core::config::{Applies, Config};
 use berth_core::context::{self, ContextOutcome};
 use berth_core::lifecycle::{self, LifecycleError, Started};
 use berth_core::paths::StateDir;
-use berth_core::status::{Status, VmState};
+use berth_core::status::{Status, StopHow, VmState};
 use clap::{Parser, Subcommand};
 
 /// Exit codes besides 0 (success) and 2 (bad usage, from clap).
 const EXIT_FAILED: u8 = 1;
 const EXIT_NOT_RUNNING: u8 = 3;
+/// `stop`: the VM stopped, but not in order (killed).
+const EXIT_FORCED: u8 = 4;
 
 #[derive(Debug, Parser)]
 #[command(name = "berth", version, about = "Docker in a lightweight VM")]
@@ -111,7 +113,8 @@ fn main() -> ExitCode {
         Cmd::Stop { force, timeout } => rt.block_on(stop(&state, force, timeout)),
         Cmd::Restart => rt.block_on(async {
             let c = stop(&state, false, 0).await;
-            if c != ExitCode::SUCCESS {
+            // A stop by force still leaves the VM stopped: start it.
+            if c != ExitCode::SUCCESS && c != ExitCode::from(EXIT_FORCED) {
                 return c;
             }
             start(&state, image).await
@@ -133,6 +136,23 @@ fn host_agent(state_dir: PathBuf, image_dir: PathBuf) -> ExitCode {
     // Our own session: the terminal that ran `berth start` may close.
     let _ = nix::unistd::setsid();
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let state = StateDir::at(state_dir);
+    // Everything this process and its children print goes to
+    // host-agent.log, capped and rotated.
+    let log_max = Config::load(&state.config())
+        .map(|c| c.log_max_mib)
+        .unwrap_or(8)
+        << 20;
+    let log_pipe =
+        match berth_core::hostagent::logs::capture_stdio(&state.host_agent_log(), log_max) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("berth host agent: cannot cap host-agent.log ({e}); writing it directly");
+                None
+            }
+        };
+    let fd_limit = berth_limits::fds::raise_nofile_limit()
+        .unwrap_or_else(|_| berth_limits::fds::current_nofile_limit());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
@@ -141,7 +161,10 @@ fn host_agent(state_dir: PathBuf, image_dir: PathBuf) -> ExitCode {
         .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
-    eprintln!("berth host agent starting (pid {})", std::process::id());
+    eprintln!(
+        "berth host agent starting (pid {}, open-file limit {fd_limit})",
+        std::process::id()
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -150,10 +173,7 @@ fn host_agent(state_dir: PathBuf, image_dir: PathBuf) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start: {e}")),
     };
-    match rt.block_on(berth_core::hostagent::run(
-        StateDir::at(state_dir),
-        image_dir,
-    )) {
+    let code = match rt.block_on(berth_core::hostagent::run(state, image_dir)) {
         Ok(()) => {
             eprintln!("berth host agent: stopped");
             ExitCode::SUCCESS
@@ -162,7 +182,12 @@ fn host_agent(state_dir: PathBuf, image_dir: PathBuf) -> ExitCode {
             eprintln!("berth host agent: error: {e:#}");
             ExitCode::from(EXIT_FAILED)
         }
+    };
+    drop(rt);
+    if let Some(p) = log_pipe {
+        p.finish();
     }
+    code
 }
 
 async fn start(state: &StateDir, image: Option<&std::path::Path>) -> ExitCode {
@@ -231,14 +256,28 @@ async fn stop(state: &StateDir, force: bool, timeout: u64) -> ExitCode {
     })
     .await
     {
-        Ok(true) => {
-            println!("Berth stopped.");
-            ExitCode::SUCCESS
-        }
-        Ok(false) => {
+        Ok(lifecycle::Stopped::NotRunning) => {
             println!("Berth is not running.");
             ExitCode::SUCCESS
         }
+        Ok(lifecycle::Stopped::Now(report)) => match report {
+            Some(r) if r.how == StopHow::Forced => {
+                println!("Berth stopped by force: {}.", r.message);
+                ExitCode::from(EXIT_FORCED)
+            }
+            Some(r) if r.how == StopHow::Crashed => {
+                println!("Berth stopped: {}.", r.message);
+                ExitCode::from(EXIT_FORCED)
+            }
+            Some(r) => {
+                println!("Berth stopped: {}.", r.message);
+                ExitCode::SUCCESS
+            }
+            None => {
+                println!("Berth stopped.");
+                ExitCode::SUCCESS
+            }
+        },
         Err(e) => fail(&e.to_string()),
     }
 }
@@ -299,8 +338,16 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
         ),
         None => println!("docker context: none ({})", context::INSTALL_HINT),
     }
+    if let Some(w) = &s.warning {
+        println!("WARNING:        {w}");
+    }
     if let Some(e) = &s.error {
         println!("last error:     {e}");
+    }
+    if s.state == VmState::Stopped {
+        if let Some(r) = &s.last_stop {
+            println!("last stop:      {}", r.message);
+        }
     }
     println!("state dir:      {}", s.state_dir);
     ExitCode::SUCCESS

@@ -200,11 +200,21 @@ pub struct MachineSpec {
     pub cpus: u8,
     pub memory_mib: u64,
     pub cmdline_extra: String,
+    /// The host created the data disk and it was not formatted yet: the
+    /// guest may format it if blank (and only then).
+    pub fresh_disk: bool,
+    /// Size at which the console log is rotated.
+    pub console_log_max: u64,
 }
 
 impl MachineSpec {
     pub fn cmdline(&self) -> String {
-        format!("{} {}", self.image.cmdline, self.cmdline_extra)
+        let fresh = if self.fresh_disk {
+            " berth.data_fresh=1"
+        } else {
+            ""
+        };
+        format!("{}{fresh} {}", self.image.cmdline, self.cmdline_extra)
             .trim()
             .to_owned()
     }
@@ -271,17 +281,10 @@ impl Machine {
     }
 }
 
-/// The host agent's log, as a child's stdout or stderr.
-fn log_stdio(state: &StateDir) -> Result<std::process::Stdio, DriverError> {
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(state.host_agent_log())
-        .map(Into::into)
-        .map_err(|source| DriverError::Spawn {
-            what: "the log file",
-            source,
-        })
+/// A child's stdout or stderr: the host agent's own, which go to
+/// `host-agent.log` through its capped, rotated log pipe.
+fn log_stdio() -> std::process::Stdio {
+    std::process::Stdio::inherit()
 }
 
 /// Waits for a helper to create its socket, or fails with its exit.

@@ -14,7 +14,7 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
     for s in [&vhost, &st.vsock_sock()] {
         let _ = std::fs::remove_file(s);
     }
-    let log = || log_stdio(st);
+    let log = log_stdio;
 
     let mut backend = tokio::process::Command::new(&vmm)
         .args(["vhost-user", "vsock", "--socket"])
@@ -22,8 +22,8 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
         .arg("--uds")
         .arg(st.vsock_sock())
         .stdin(Stdio::null())
-        .stdout(log()?)
-        .stderr(log()?)
+        .stdout(log())
+        .stderr(log())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| DriverError::Spawn {
@@ -61,13 +61,24 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
         .arg("-object")
         .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
         .args(["-machine", "memory-backend=mem"])
+        // The console goes to the host agent, which caps and rotates
+        // console.log (a file chardev would grow without limit).
         .arg("-chardev")
-        .arg(format!("file,id=con0,path={}", st.console_log().display()))
+        .arg(format!(
+            "socket,id=con0,path={}",
+            st.console_sock().display()
+        ))
         .args(["-serial", "chardev:con0"])
         .arg("-monitor")
         .arg(format!(
             "unix:{},server=on,wait=off",
             st.qemu_monitor().display()
+        ))
+        // QMP events: the host agent notices a VM paused on a full host disk.
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            st.qmp_sock().display()
         ))
         .arg("-chardev")
         .arg(format!("socket,id=vsock0,path={}", vhost.display()))
@@ -79,7 +90,9 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
     let disks = [(&spec.image.rootfs, true), (&st.data_disk(), false)];
     for (i, (path, ro)) in disks.iter().enumerate() {
         cmd.arg("-drive").arg(format!(
-            "id=d{i},file={},format=raw,if=none,readonly={},discard=unmap,cache=writeback",
+            // werror=enospc (QEMU's default, said here): a full host disk
+            // pauses the VM instead of failing the guest's writes.
+            "id=d{i},file={},format=raw,if=none,readonly={},discard=unmap,cache=writeback,werror=enospc,rerror=report",
             path.display(),
             if *ro { "on" } else { "off" }
         ));
@@ -87,8 +100,8 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
             .arg(format!("virtio-blk-device,drive=d{i}"));
     }
     cmd.stdin(Stdio::null())
-        .stdout(log()?)
-        .stderr(log()?)
+        .stdout(log())
+        .stderr(log())
         .kill_on_drop(true);
     let main = match cmd.spawn() {
         Ok(c) => c,

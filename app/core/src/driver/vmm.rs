@@ -19,6 +19,7 @@ pub fn run_args(spec: &MachineSpec) -> Vec<std::ffi::OsString> {
     flag("--cpus", spec.cpus.to_string().into());
     flag("--memory", spec.memory_mib.to_string().into());
     flag("--console-log", st.console_log().into());
+    flag("--console-log-max", spec.console_log_max.to_string().into());
     flag("--cmdline", spec.cmdline().into());
     flag("--vsock", st.vsock_sock().into());
     flag("--api-socket", st.vmm_sock().into());
@@ -35,8 +36,8 @@ pub(super) async fn launch(spec: &MachineSpec) -> Result<Machine, DriverError> {
     let main = tokio::process::Command::new(vmm)
         .args(run_args(spec))
         .stdin(Stdio::null())
-        .stdout(log_stdio(st)?)
-        .stderr(log_stdio(st)?)
+        .stdout(log_stdio())
+        .stderr(log_stdio())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| DriverError::Spawn {

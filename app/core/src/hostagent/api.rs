@@ -63,13 +63,36 @@ fn perform(action: Action, shared: &Shared) -> Response<Full<Bytes>> {
     }
 }
 
+/// API connections served at once; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut log = berth_limits::RateLimiter::default();
+    let mut backoff = std::time::Duration::from_millis(50);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = std::time::Duration::from_millis(50);
+                s
+            }
+            Err(e) => {
+                // Out of descriptors, most likely: wait for some to close
+                // instead of spinning on a listener that stays readable.
+                if let Some(s) = log.hit() {
+                    tracing::warn!("control API: accept failed: {e}{s}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
                 async move {

@@ -3,11 +3,16 @@
 //! It takes the state directory's lock, starts the driver, waits for the
 //! guest agent and dockerd, forwards `docker.sock`, serves `agent.sock`
 //! ([`api`]), and on `stop` (or SIGTERM) asks the guest for an orderly
-//! shutdown. When the VM process ends, for whatever reason, it removes the
-//! sockets, releases the lock and exits.
+//! shutdown ([`stop`]). When the VM process ends, for whatever reason, it
+//! records how (`last-stop.json`), removes the sockets, releases the lock
+//! and exits.
 
 mod api;
+mod events;
 pub mod forward;
+pub mod logs;
+mod qmp;
+mod stop;
 
 use std::fs::File;
 use std::io::Write;
@@ -22,10 +27,10 @@ use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::driver::{self, Image, Machine, MachineSpec};
+use crate::driver::{self, Driver, Image, Machine, MachineSpec};
 use crate::guest::GuestClient;
 use crate::paths::StateDir;
-use crate::status::{Status, VmState};
+use crate::status::{Status, StopHow, StopReport, VmState};
 
 /// How long a boot may take before it is declared failed. TCG boots take
 /// ~25 s here; a loaded machine can take several times that.
@@ -35,8 +40,8 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 pub const BOOT_LIMIT: Duration = Duration::from_secs(630);
 
 /// How long the guest gets for its orderly shutdown after `stop` before the
-/// VM process is killed.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// VM process is killed: the budget every component shares.
+pub const STOP_TIMEOUT: Duration = berth_proto::shutdown::BUDGET;
 
 /// Requests from the API and signals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,9 +137,22 @@ pub fn try_lock(state: &StateDir) -> anyhow::Result<Option<Flock<File>>> {
     }
 }
 
-/// Creates the sparse data disk, or grows it to `gib`.
-fn prepare_data_disk(path: &Path, gib: u64) -> anyhow::Result<()> {
+/// Creates the sparse data disk, or grows it to `gib`. A disk the host
+/// creates is marked fresh (`fresh`): only then may the guest format it.
+/// Returns whether the disk is (still) fresh.
+fn prepare_data_disk(path: &Path, fresh: &Path, gib: u64) -> anyhow::Result<bool> {
     let want = gib << 30;
+    let created = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Ok(m) => m.len() == 0,
+    };
+    if created {
+        // The marker first: a crash between the two leaves a fresh marker
+        // and no disk, which is right.
+        std::fs::write(fresh, b"created by the host; not formatted yet\n")
+            .with_context(|| format!("writing {}", fresh.display()))?;
+    }
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -147,7 +165,7 @@ fn prepare_data_disk(path: &Path, gib: u64) -> anyhow::Result<()> {
             .with_context(|| format!("sizing the data disk {}", path.display()))?;
         f.sync_all()?;
     }
-    Ok(())
+    Ok(fresh.exists())
 }
 
 /// Runs the host agent for the VM in `state` until the VM ends.
@@ -191,8 +209,17 @@ pub async fn run(state: StateDir, image_dir: PathBuf) -> anyhow::Result<()> {
     let signals = tokio::spawn(forward_signals(shared.clone()));
 
     let result = lifecycle(&state, &cfg, sel.driver, image, &shared).await;
-    if let Err(e) = &result {
-        shared.update(|s| s.error = Some(format!("{e:#}")));
+    match &result {
+        Ok(report) => {
+            if let Err(e) = report.save(&state) {
+                tracing::warn!("cannot record how the VM stopped: {e}");
+            }
+            if report.how == StopHow::Crashed {
+                shared.update(|s| s.error = Some(report.message.clone()));
+            }
+            shared.update(|s| s.last_stop = Some(report.clone()));
+        }
+        Err(e) => shared.update(|s| s.error = Some(format!("{e:#}"))),
     }
     shared.phase(VmState::Stopped, "stopped");
     api_task.abort();
@@ -203,7 +230,7 @@ pub async fn run(state: StateDir, image_dir: PathBuf) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(state.vm_pids());
     let _ = lock.set_len(0);
     drop(lock);
-    result
+    result.map(|_| ())
 }
 
 /// Writes the VM's process ids, for [`end_orphans`].
@@ -265,19 +292,30 @@ async fn forward_signals(shared: Arc<Shared>) {
 async fn lifecycle(
     state: &StateDir,
     cfg: &Config,
-    driver: driver::Driver,
+    driver: Driver,
     image: Image,
     shared: &Arc<Shared>,
-) -> anyhow::Result<()> {
-    prepare_data_disk(&state.data_disk(), cfg.disk_gib)?;
+) -> anyhow::Result<StopReport> {
+    let fresh_disk = prepare_data_disk(&state.data_disk(), &state.data_disk_fresh(), cfg.disk_gib)?;
+    let log_max = cfg.log_max_mib << 20;
     // Keep the previous boot's console for post-mortems.
     let _ = std::fs::rename(state.console_log(), state.root.join("console.log.1"));
+    if matches!(driver, Driver::Qemu(_)) {
+        logs::serve_console(&state.console_sock(), &state.console_log(), log_max)
+            .with_context(|| format!("listening on {}", state.console_sock().display()))?;
+    }
+    let milestones = Arc::new(events::Milestones::default());
+    let events_listener = UnixListener::bind(state.events_sock())
+        .with_context(|| format!("listening on {}", state.events_sock().display()))?;
+    let events_task = tokio::spawn(events::serve(events_listener, milestones.clone()));
     let spec = MachineSpec {
         image,
         state: state.clone(),
         cpus: cfg.cpus,
         memory_mib: cfg.memory_mib,
         cmdline_extra: cfg.cmdline_extra.clone(),
+        fresh_disk,
+        console_log_max: log_max,
     };
     shared.phase(VmState::Starting, &format!("starting the VM ({driver})"));
     let t0 = Instant::now();
@@ -285,6 +323,13 @@ async fn lifecycle(
     shared.update(|s| s.pid = machine.pid());
     record_pids(state, &machine.pids());
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
+    let qmp_task = matches!(driver, Driver::Qemu(_)).then(|| {
+        tokio::spawn(qmp::watch(
+            state.qmp_sock(),
+            state.data_disk(),
+            shared.clone(),
+        ))
+    });
 
     let outcome = tokio::select! {
         r = boot(state, shared, t0) => r.map(|_| None),
@@ -293,6 +338,10 @@ async fn lifecycle(
     };
     let forwarder = match outcome {
         Ok(None) => {
+            if fresh_disk {
+                // Formatted now: from here on a blank disk is a damaged one.
+                let _ = std::fs::remove_file(state.data_disk_fresh());
+            }
             let listener = bind_private(&state.docker_sock())?;
             let stats = Arc::new(forward::ForwardStats::default());
             let task = tokio::spawn(forward::serve(
@@ -300,6 +349,7 @@ async fn lifecycle(
                 state.vsock_sock(),
                 berth_proto::DOCKER_PORT,
                 stats,
+                forward::cap_for_this_process(),
             ));
             shared.update(|s| s.boot_ms = Some(t0.elapsed().as_millis() as u64));
             shared.phase(VmState::Running, "running");
@@ -315,57 +365,44 @@ async fn lifecycle(
         }
     };
 
-    let result = tokio::select! {
+    let report = tokio::select! {
         st = machine.wait() => {
             let st = st?;
-            if st.success() {
-                tracing::info!("the guest powered off");
-                Ok(())
+            let last = milestones.newest().unwrap_or_else(|| "none".into());
+            if st.success() && last == "power-off" {
+                let r = StopReport::new(
+                    StopHow::Clean,
+                    stop::clean_summary(&milestones, Duration::ZERO),
+                    0.0,
+                );
+                tracing::info!("the guest powered off by itself: {}", r.message);
+                r
             } else {
-                Err(anyhow::anyhow!("the VM process ended unexpectedly ({})", describe(st)))
+                let r = StopReport::new(
+                    StopHow::Crashed,
+                    format!(
+                        "the VM process ended unexpectedly ({}; last guest step: {last})",
+                        describe(st)
+                    ),
+                    0.0,
+                );
+                tracing::error!("{}", r.message);
+                r
             }
         }
         c = shared.next_command() => {
-            stop(state, shared, &mut machine, c).await
+            stop::stop(state, shared, &milestones, &mut machine, c).await
         }
     };
     if let Some(f) = forwarder {
         f.abort();
     }
-    machine.stop_helpers().await;
-    result
-}
-
-/// Orderly or forced stop.
-async fn stop(
-    state: &StateDir,
-    shared: &Arc<Shared>,
-    machine: &mut Machine,
-    first: Command,
-) -> anyhow::Result<()> {
-    if first == Command::Stop {
-        shared.phase(VmState::Stopping, "stopping: containers, then power off");
-        let asked = async {
-            let mut g = GuestClient::connect(&state.vsock_sock(), "berth-host-agent").await?;
-            g.shutdown().await
-        };
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(10), asked).await {
-            tracing::warn!("asking the guest to shut down failed ({e}); killing the VM");
-        } else {
-            let done = tokio::select! {
-                st = tokio::time::timeout(STOP_TIMEOUT, machine.wait()) => st.ok(),
-                _ = shared.kill_requested() => None,
-            };
-            if let Some(st) = done {
-                let st = st?;
-                tracing::info!("the guest powered off ({})", describe(st));
-                return Ok(());
-            }
-        }
+    if let Some(q) = qmp_task {
+        q.abort();
     }
-    shared.phase(VmState::Stopping, "killing the VM process");
-    machine.kill().await;
-    Ok(())
+    events_task.abort();
+    machine.stop_helpers().await;
+    Ok(report)
 }
 
 /// Polls the guest agent until dockerd is ready.
@@ -395,6 +432,11 @@ async fn boot(state: &StateDir, shared: &Arc<Shared>, t0: Instant) -> anyhow::Re
                 Phase::Booting => shared.phase(VmState::Starting, "preparing the data disk"),
                 Phase::StartingDocker => shared.phase(VmState::Starting, "starting Docker"),
                 Phase::Ready => break,
+                Phase::Failed if st.data_disk == berth_proto::DataDiskState::Refused => bail!(
+                    "the guest refused the data disk {}: {}",
+                    state.data_disk().display(),
+                    st.error.unwrap_or_else(|| "no reason given".into())
+                ),
                 Phase::Failed => bail!(
                     "the guest could not start Docker: {}",
                     st.error.unwrap_or_else(|| "no reason given".into())
@@ -428,7 +470,7 @@ fn bind_private(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-fn describe(st: std::process::ExitStatus) -> String {
+pub(crate) fn describe(st: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(c), _) => format!("exit code {c}"),
@@ -454,17 +496,25 @@ mod tests {
     }
 
     #[test]
-    fn data_disk_is_sparse_and_only_grows() {
+    fn data_disk_is_sparse_only_grows_and_is_fresh_only_when_the_host_made_it() {
         let d = std::env::temp_dir().join(format!("berth-disk-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("data.img");
-        prepare_data_disk(&p, 8).unwrap();
+        let fresh = d.join("data.img.fresh");
+        assert!(prepare_data_disk(&p, &fresh, 8).unwrap(), "created: fresh");
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.len(), 8 << 30);
         use std::os::unix::fs::MetadataExt;
         assert!(m.blocks() * 512 < 1 << 20, "not sparse");
-        prepare_data_disk(&p, 4).unwrap();
+        assert!(
+            prepare_data_disk(&p, &fresh, 4).unwrap(),
+            "still fresh until formatted"
+        );
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 8 << 30);
+        // Once the guest formatted it the marker goes, and an existing disk
+        // never becomes fresh again, even if it reads as blank.
+        std::fs::remove_file(&fresh).unwrap();
+        assert!(!prepare_data_disk(&p, &fresh, 8).unwrap());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

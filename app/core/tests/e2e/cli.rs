@@ -287,6 +287,8 @@ fn vmm_driver_arguments(ctx: &Ctx) {
         cpus: 1,
         memory_mib: 512,
         cmdline_extra: "quiet".into(),
+        fresh_disk: true,
+        console_log_max: 1 << 20,
     };
     let args = run_args(&spec);
     let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name("berth-vmm");

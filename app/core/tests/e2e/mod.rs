@@ -4,6 +4,7 @@ mod build;
 mod cli;
 mod compose;
 mod containers;
+mod faults;
 mod persistence;
 mod socket;
 
@@ -23,7 +24,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn env(&self, cmd: &mut Command) {
+    pub fn env(&self, cmd: &mut Command) {
         cmd.env("XDG_DATA_HOME", &self.data_home)
             .env("DOCKER_CONFIG", &self.docker_config)
             .env("BERTH_IMAGE_DIR", &self.image_dir)
@@ -110,6 +111,7 @@ fn cases() -> Vec<Case> {
     v.extend(socket::CASES);
     v.extend(compose::CASES);
     v.extend(persistence::CASES);
+    v.extend(faults::CASES);
     v
 }
 

@@ -1,14 +1,16 @@
 //! The 8250 serial console, from vm-superio, writing to the console log
-//! (and optionally stdout).
+//! (and optionally stdout). The guest decides how much it prints, so the
+//! log is size-capped and rotated ([`RotatingLog`]).
 
 use std::io::Write;
 
+use berth_limits::RotatingLog;
 use vm_superio::{Serial, Trigger};
 
 /// Where console output goes.
 #[derive(Debug)]
 pub struct ConsoleOut {
-    file: Option<std::fs::File>,
+    file: Option<RotatingLog>,
     stdout: bool,
     pub bytes: u64,
     /// The end of the output so far, to spot a kernel panic message.
@@ -19,7 +21,7 @@ pub struct ConsoleOut {
 const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
 
 impl ConsoleOut {
-    pub fn new(file: Option<std::fs::File>, stdout: bool) -> ConsoleOut {
+    pub fn new(file: Option<RotatingLog>, stdout: bool) -> ConsoleOut {
         ConsoleOut {
             file,
             stdout,
@@ -121,6 +123,28 @@ impl SerialConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chatty_guest_cannot_grow_the_log_past_its_cap() {
+        let dir = std::env::temp_dir().join(format!("berth-serial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let log = RotatingLog::open(&path, 64 << 10).unwrap();
+        let mut serial = SerialConsole::new(
+            IrqTrigger(Box::new(|| {})),
+            ConsoleOut::new(Some(log), false),
+        );
+        // 1 MiB through the UART's data register, byte by byte.
+        for i in 0..(1u32 << 20) {
+            serial.write(0, b'a' + (i % 26) as u8);
+        }
+        let cur = std::fs::metadata(&path).unwrap().len();
+        let old = std::fs::metadata(dir.join("console.log.1")).unwrap().len();
+        assert!(cur <= 64 << 10 && old == 64 << 10, "{cur} {old}");
+        assert_eq!(serial.bytes_out(), 1 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn spots_a_panic_split_across_writes() {

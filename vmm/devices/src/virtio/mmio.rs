@@ -24,7 +24,14 @@ const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
 const STATUS_FAILED: u32 = 0x80;
+/// The modern interface, which this transport (version 2) requires.
+const F_VERSION_1: u64 = 1 << 32;
+
+/// Offset of the InterruptStatus register, which a vCPU may read without
+/// the transport's lock (see [`MmioTransport::interrupt_status`]).
+pub const INTERRUPT_STATUS: u64 = 0x060;
 
 /// Offset of the QueueNotify register in a device's window.
 pub const QUEUE_NOTIFY: u64 = 0x050;
@@ -36,6 +43,9 @@ pub struct MmioTransport {
     line: Arc<dyn InterruptLine>,
     interrupt_status: Arc<AtomicU32>,
     queues: Vec<Queue>,
+    /// Each queue's ready bit once the queues went to the device, so the
+    /// driver can still read it back.
+    live_ready: Vec<bool>,
     queue_select: u32,
     device_features_select: u32,
     driver_features_select: u32,
@@ -68,6 +78,7 @@ impl MmioTransport {
             line,
             interrupt_status: Arc::new(AtomicU32::new(0)),
             queues,
+            live_ready: Vec::new(),
             queue_select: 0,
             device_features_select: 0,
             driver_features_select: 0,
@@ -102,6 +113,12 @@ impl MmioTransport {
 
     pub fn device_type(&self) -> u32 {
         self.device.device_type()
+    }
+
+    /// The InterruptStatus register's value, shared: reading it needs no
+    /// lock, so a vCPU polling it never waits for a device's work.
+    pub fn interrupt_status(&self) -> Arc<AtomicU32> {
+        self.interrupt_status.clone()
     }
 
     /// Where the driver notifies each queue: (offset in the window, the
@@ -152,9 +169,17 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            0x034 => self.queue().map_or(0, |q| q.max_size() as u32),
+            0x034 => self
+                .device
+                .queue_max_sizes()
+                .get(self.queue_select as usize)
+                .map_or(0, |&m| m as u32),
+            0x044 if self.activated => self
+                .live_ready
+                .get(self.queue_select as usize)
+                .map_or(0, |&r| r as u32),
             0x044 => self.queue().map_or(0, |q| q.ready() as u32),
-            0x060 => self.interrupt_status.load(Ordering::SeqCst),
+            INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             0x070 => self.status,
             0x0fc => self.config_generation,
             _ => {
@@ -238,11 +263,19 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // Status only gains bits until a reset; a driver that clears one
+        // (or writes after the device asked for a reset) is told to reset.
+        if v & self.status != self.status || self.status & STATUS_NEEDS_RESET != 0 {
+            self.bad("status write clears bits without a reset", 0x70);
+            self.status |= STATUS_NEEDS_RESET;
+            return;
+        }
         let added = v & !self.status;
-        // FEATURES_OK only sticks if the driver accepted nothing we don't offer.
+        // FEATURES_OK only sticks if the driver accepted VERSION_1 (this is
+        // the modern transport) and nothing we don't offer.
         if added & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
-            if self.driver_features & !offered != 0 {
+            if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
@@ -261,6 +294,7 @@ impl MmioTransport {
                 return;
             }
             let mut queues = std::mem::take(&mut self.queues);
+            self.live_ready = queues.iter().map(|q| q.ready()).collect();
             for q in &mut queues {
                 q.set_event_idx(
                     self.driver_features
@@ -284,6 +318,7 @@ impl MmioTransport {
         self.queue_select = 0;
         self.interrupt_status.store(0, Ordering::SeqCst);
         self.queues = Self::fresh_queues(self.device.as_ref());
+        self.live_ready.clear();
         self.config_generation = self.config_generation.wrapping_add(1);
     }
 }
@@ -318,7 +353,7 @@ mod tests {
     fn identifies_itself_and_exposes_config() {
         let dir = std::env::temp_dir().join(format!("berth-mmio-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let dev = VsockDevice::new(7, &dir.join("v.sock")).unwrap();
+        let dev = VsockDevice::new(7, &dir.join("v.sock"), 16).unwrap();
         let mut t = MmioTransport::new(Box::new(dev), mem(), Arc::new(NoIrq));
         assert_eq!(r32(&mut t, 0), MAGIC);
         assert_eq!(r32(&mut t, 4), 2);
@@ -340,13 +375,91 @@ mod tests {
         t.notify_queue(u16::MAX);
         let dir = std::env::temp_dir().join(format!("berth-mmio-n-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let dev = VsockDevice::new(7, &dir.join("v.sock")).unwrap();
+        let dev = VsockDevice::new(7, &dir.join("v.sock"), 16).unwrap();
         let t = MmioTransport::new(Box::new(dev), mem(), Arc::new(NoIrq));
         assert_eq!(
             t.queue_notifiers(),
             [(QUEUE_NOTIFY, 0), (QUEUE_NOTIFY, 1), (QUEUE_NOTIFY, 2)]
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Drives a transport to DRIVER_OK with queue 0 set up in `mem`.
+    fn bring_up(t: &mut MmioTransport, features_hi: u32) -> u32 {
+        w32(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(t, 0x24, 1);
+        w32(t, 0x20, features_hi);
+        w32(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        if r32(t, 0x70) & STATUS_FEATURES_OK == 0 {
+            return r32(t, 0x70);
+        }
+        w32(t, 0x30, 0);
+        w32(t, 0x38, 64);
+        for (lo, addr) in [(0x080, 0x1000u32), (0x090, 0x2000), (0x0a0, 0x3000)] {
+            w32(t, lo, addr);
+            w32(t, lo + 4, 0);
+        }
+        w32(t, 0x044, 1);
+        w32(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        r32(t, 0x70)
+    }
+
+    #[test]
+    fn features_ok_requires_version_1() {
+        let mut t = MmioTransport::new(Box::new(Rng::default()), mem(), Arc::new(NoIrq));
+        let st = bring_up(&mut t, 0);
+        assert_eq!(st & STATUS_FEATURES_OK, 0, "a legacy driver is refused");
+        w32(&mut t, 0x70, 0);
+        let st = bring_up(&mut t, 1);
+        assert_ne!(st & STATUS_DRIVER_OK, 0);
+        assert_eq!(st & STATUS_FAILED, 0);
+    }
+
+    #[test]
+    fn status_only_gains_bits_until_a_reset() {
+        let mut t = MmioTransport::new(Box::new(Rng::default()), mem(), Arc::new(NoIrq));
+        let live = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        assert_eq!(bring_up(&mut t, 1), live);
+        // Clearing FEATURES_OK to renegotiate after activation is refused.
+        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        assert_eq!(r32(&mut t, 0x70), live | STATUS_NEEDS_RESET);
+        w32(&mut t, 0x24, 0);
+        w32(&mut t, 0x20, 0xffff_ffff);
+        w32(&mut t, 0x70, live | STATUS_NEEDS_RESET);
+        assert_eq!(
+            r32(&mut t, 0x70),
+            live | STATUS_NEEDS_RESET,
+            "only a reset clears it"
+        );
+        w32(&mut t, 0x70, 0);
+        assert_eq!(r32(&mut t, 0x70), 0);
+        assert_eq!(bring_up(&mut t, 1), live, "usable again after the reset");
+    }
+
+    #[test]
+    fn queue_registers_stay_readable_while_live() {
+        let mut t = MmioTransport::new(Box::new(Rng::default()), mem(), Arc::new(NoIrq));
+        bring_up(&mut t, 1);
+        w32(&mut t, 0x30, 0);
+        assert_eq!(r32(&mut t, 0x034), 256, "QueueNumMax");
+        assert_eq!(r32(&mut t, 0x044), 1, "QueueReady");
+        w32(&mut t, 0x30, 1);
+        assert_eq!(
+            (r32(&mut t, 0x034), r32(&mut t, 0x044)),
+            (0, 0),
+            "no queue 1"
+        );
+        let status = t.interrupt_status();
+        status.store(1, Ordering::SeqCst);
+        assert_eq!(r32(&mut t, INTERRUPT_STATUS), 1);
     }
 
     #[test]

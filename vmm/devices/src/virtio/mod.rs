@@ -3,5 +3,8 @@
 pub mod blk;
 pub mod device;
 pub mod mmio;
+pub mod queue;
 pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod vsock;

@@ -5,13 +5,10 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use berth_devices::virtio::device::read_config_window;
-use berth_devices::virtio::vsock::{Metrics, Vsock, NUM_QUEUES};
+use berth_devices::virtio::queue::{serve as serve_queue, Pass};
+use berth_devices::virtio::vsock::{Metrics, Vsock, FEATURES, NUM_QUEUES, QUEUE_SIZE};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
-use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -24,7 +21,6 @@ use vmm_sys_util::event::{
 const RX_EVENT: u16 = 0;
 const TX_EVENT: u16 = 1;
 const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
-const QUEUE_SIZE: usize = 1024;
 
 /// Why the vhost-user vsock backend stopped.
 #[derive(Debug, thiserror::Error)]
@@ -60,10 +56,11 @@ impl VsockBackend {
     fn new(
         guest_cid: u64,
         uds: &Path,
+        max_conns: usize,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> Result<Self, VhostUserVsockError> {
         Ok(VsockBackend {
-            dev: Vsock::new(guest_cid, uds)?,
+            dev: Vsock::new(guest_cid, uds, max_conns)?,
             mem,
             event_idx: false,
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)
@@ -71,40 +68,25 @@ impl VsockBackend {
         })
     }
 
-    /// Runs `work` on one queue, then notifies the guest if needed. Never
-    /// holds the vring lock while signalling. With EVENT_IDX, buffers the
-    /// guest added while we worked produce no new kick, so the work is
-    /// repeated until none arrived; `work` on TX consumes every buffer,
-    /// but on RX it leaves buffers it has nothing for, so RX only repeats
-    /// after it used some.
+    /// Serves one queue with `work` (see [`serve_queue`]), then notifies
+    /// the guest if needed, never while holding the vring lock.
     fn run_queue(
         &mut self,
         vring: &VringRwLock,
-        work: fn(&mut Vsock, &mut Queue, &GuestMemoryMmap) -> bool,
-        consumes_all: bool,
+        work: fn(&mut Vsock, &mut Queue, &GuestMemoryMmap) -> Pass,
     ) {
         let mem = self.mem.memory();
-        loop {
-            let mut state = vring.get_mut();
-            let queue = state.get_queue_mut();
-            if !queue.ready() {
-                return;
-            }
-            if self.event_idx {
-                let _ = queue.disable_notification(&*mem);
-            }
-            let used = work(&mut self.dev, queue, &mem);
-            let more = self.event_idx && queue.enable_notification(&*mem).unwrap_or(false);
-            let notify =
-                used && (!self.event_idx || queue.needs_notification(&*mem).unwrap_or(true));
-            drop(state);
-            if notify {
-                if let Err(e) = vring.signal_used_queue() {
-                    tracing::warn!("vsock: cannot notify the guest: {e}");
-                }
-            }
-            if !more || !(used || consumes_all) {
-                return;
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        if !queue.ready() {
+            return;
+        }
+        let dev = &mut self.dev;
+        let notify = serve_queue(queue, &*mem, |q| work(dev, q, &mem));
+        drop(state);
+        if notify {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::warn!("vsock: cannot notify the guest: {e}");
             }
         }
     }
@@ -119,15 +101,11 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE
+        QUEUE_SIZE as usize
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -169,23 +147,34 @@ impl VhostUserBackendMut for VsockBackend {
             return Ok(());
         };
         match device_event {
-            TX_EVENT => self.run_queue(tx, Vsock::process_tx, true),
+            TX_EVENT => self.run_queue(tx, Vsock::process_tx),
             HOST_EVENT => self.dev.handle_host_events(),
             RX_EVENT => {}
             other => tracing::debug!("vsock: unexpected event {other}"),
         }
         // Whatever happened may have produced packets for the guest, and a
         // RX kick means the guest posted buffers for pending ones.
-        self.run_queue(rx, Vsock::process_rx, false);
+        self.run_queue(rx, Vsock::process_rx);
         Ok(())
     }
 }
 
-/// Serves one VMM connection on `socket` with the host side on `uds`.
-/// Returns the device's counters when the VMM disconnects.
-pub fn serve(socket: &Path, uds: &Path, guest_cid: u64) -> Result<Metrics, VhostUserVsockError> {
+/// Serves one VMM connection on `socket` with the host side on `uds`, at
+/// most `max_conns` host connections at once. Returns the device's
+/// counters when the VMM disconnects.
+pub fn serve(
+    socket: &Path,
+    uds: &Path,
+    guest_cid: u64,
+    max_conns: usize,
+) -> Result<Metrics, VhostUserVsockError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(RwLock::new(VsockBackend::new(guest_cid, uds, mem.clone())?));
+    let backend = Arc::new(RwLock::new(VsockBackend::new(
+        guest_cid,
+        uds,
+        max_conns,
+        mem.clone(),
+    )?));
     let host_fd = backend
         .read()
         .map_err(|_| VhostUserVsockError::Daemon("lock poisoned".into()))?

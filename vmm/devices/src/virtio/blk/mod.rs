@@ -1,34 +1,56 @@
 //! virtio-blk on a raw file: read-only root or read-write data disk.
-//! FLUSH is `fdatasync`; DISCARD and WRITE_ZEROES punch holes so a sparse
-//! file gives space back. Every request is checked against the disk's size
-//! and the descriptor chain's shape; a bad one gets an error status.
+//!
+//! * FLUSH is `fdatasync`; a driver that does not negotiate FLUSH gets
+//!   writethrough (every write synced before it completes). Once a sync
+//!   has failed, every later flush fails too.
+//! * DISCARD and WRITE_ZEROES punch holes, so a sparse file gives space
+//!   back.
+//! * A full host disk (`ENOSPC`) is never reported to the guest: the
+//!   request waits and is retried until there is room (the same policy as
+//!   QEMU's default `werror=enospc`, which pauses the VM).
+//! * Every request is checked against the disk's size, the chain's shape
+//!   and [`MAX_REQUEST_BYTES`]; a bad one gets an error status.
+//!
+//! Requests run on a worker thread per device ([`worker`]), so a slow
+//! `fdatasync` stalls neither the vCPUs nor the VMM's event loop.
 
+mod engine;
 mod request;
+mod storage;
+mod worker;
 
-use std::fs::{File, OpenOptions};
 use std::path::Path;
+use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::device::{read_config_window, QueueInterrupt, VirtioDevice};
+pub use engine::{Counters, Engine};
 pub use request::{RequestError, Status};
+pub use storage::{FileStorage, Storage};
 
 pub const SECTOR_SIZE: u64 = 512;
-const QUEUE_SIZE: u16 = 256;
+pub const QUEUE_SIZE: u16 = 256;
 const VIRTIO_ID_BLOCK: u32 = 2;
 
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_FLUSH: u64 = 1 << 9;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
-const F_VERSION_1: u64 = 1 << 32;
-const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_SIZE_MAX: u64 = 1 << 1;
+pub const F_SEG_MAX: u64 = 1 << 2;
+pub const F_RO: u64 = 1 << 5;
+pub const F_FLUSH: u64 = 1 << 9;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << 32;
 
-/// Most segments in one DISCARD/WRITE_ZEROES request, and data segments.
+/// Most segments in one DISCARD/WRITE_ZEROES request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Most data segments in one request, and the largest segment.
 const SEG_MAX: u32 = 126;
+const SIZE_MAX: u32 = 1 << 20;
+/// The largest request the driver can build from what the config space
+/// advertises; anything longer is refused.
+pub const MAX_REQUEST_BYTES: usize = SEG_MAX as usize * SIZE_MAX as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -38,32 +60,11 @@ pub enum BlockError {
     Size(String, u64),
     #[error("disk image {0} is in use by another VM (it holds a lock on it)")]
     InUse(String),
+    #[error("cannot start the disk's worker thread: {0}")]
+    Worker(std::io::Error),
 }
 
-/// Locks the whole image with an open-file-description lock: exclusive for
-/// a writable disk, shared for a read-only one. QEMU takes the same kind of
-/// locks, so neither a second berth-vmm nor a QEMU can open a data disk that
-/// a running VM writes. The lock goes away with the file, however the
-/// process ends.
-fn lock_image(file: &std::fs::File, read_only: bool) -> Result<(), std::io::Error> {
-    use nix::fcntl::{fcntl, FcntlArg};
-    let lock = libc::flock {
-        l_type: if read_only {
-            libc::F_RDLCK
-        } else {
-            libc::F_WRLCK
-        } as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    fcntl(file, FcntlArg::F_OFD_SETLK(&lock))
-        .map(|_| ())
-        .map_err(std::io::Error::from)
-}
-
-/// Per-device counters.
+/// A snapshot of the counters.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BlockMetrics {
     pub reads: u64,
@@ -73,112 +74,105 @@ pub struct BlockMetrics {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub errors: u64,
+    pub flush_errors: u64,
+    pub flush_failed: u64,
+    pub enospc_waits: u64,
+    pub stalled: u64,
 }
 
+impl From<&Counters> for BlockMetrics {
+    fn from(c: &Counters) -> Self {
+        let g = Counters::get;
+        BlockMetrics {
+            reads: g(&c.reads),
+            writes: g(&c.writes),
+            flushes: g(&c.flushes),
+            discards: g(&c.discards),
+            bytes_read: g(&c.bytes_read),
+            bytes_written: g(&c.bytes_written),
+            errors: g(&c.errors),
+            flush_errors: g(&c.flush_errors),
+            flush_failed: g(&c.flush_failed),
+            enospc_waits: g(&c.enospc_waits),
+            stalled: g(&c.stalled),
+        }
+    }
+}
+
+/// The device: features and config here, requests in the [`Engine`],
+/// which lives on the worker thread while the device is active.
 #[derive(Debug)]
 pub struct Block {
-    file: File,
+    engine: Option<Engine>,
+    worker: Option<worker::Worker>,
+    counters: Arc<Counters>,
     read_only: bool,
     sectors: u64,
-    id: [u8; 20],
     config: Vec<u8>,
     acked: u64,
-    active: Option<Active>,
-    pub metrics: BlockMetrics,
-}
-
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: QueueInterrupt,
+    name: String,
 }
 
 impl Block {
+    /// Opens (and locks) a disk image file.
     pub fn open(path: &Path, read_only: bool) -> Result<Block, BlockError> {
-        let shown = path.display().to_string();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BlockError::Open(shown.clone(), e))?;
-        if let Err(e) = lock_image(&file, read_only) {
-            return Err(match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EACCES) => BlockError::InUse(shown),
-                _ => BlockError::Open(shown, e),
-            });
-        }
-        let len = file
-            .metadata()
-            .map_err(|e| BlockError::Open(shown.clone(), e))?
-            .len();
-        if !len.is_multiple_of(SECTOR_SIZE) {
-            return Err(BlockError::Size(shown, len));
-        }
-        let sectors = len / SECTOR_SIZE;
-        let mut id = [0u8; 20];
+        let storage = FileStorage::open(path, read_only)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        Ok(Block::with_storage(Box::new(storage), read_only, &name))
+    }
+
+    /// A device over any storage; `name` is its serial (GET_ID) and the
+    /// worker thread's name.
+    pub fn with_storage(storage: Box<dyn Storage>, read_only: bool, name: &str) -> Block {
+        let mut id = [0u8; 20];
         let n = name.len().min(20);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
-        Ok(Block {
-            file,
+        let engine = Engine::new(storage, read_only, id);
+        Block {
+            counters: engine.counters.clone(),
+            sectors: engine.sectors,
+            config: config_space(engine.sectors),
+            engine: Some(engine),
+            worker: None,
             read_only,
-            sectors,
-            id,
-            config: config_space(sectors),
             acked: 0,
-            active: None,
-            metrics: BlockMetrics::default(),
-        })
+            name: name.to_owned(),
+        }
     }
 
     pub fn sectors(&self) -> u64 {
         self.sectors
     }
 
-    fn process_queue(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mut used_any = false;
-        loop {
-            if a.queue.event_idx_enabled() {
-                let _ = a.queue.disable_notification(&a.mem);
+    pub fn metrics(&self) -> BlockMetrics {
+        BlockMetrics::from(&*self.counters)
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(w) = self.worker.take() {
+            match w.stop() {
+                Some(engine) => self.engine = Some(engine),
+                None => tracing::error!("virtio-blk {}: the worker thread died", self.name),
             }
-            while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
-                let head = chain.head_index();
-                let len = request::execute(
-                    &a.mem,
-                    chain,
-                    &self.file,
-                    self.read_only,
-                    self.sectors,
-                    &self.id,
-                    &mut self.metrics,
-                );
-                if a.queue.add_used(&a.mem, head, len).is_err() {
-                    self.metrics.errors += 1;
-                }
-                used_any = true;
-            }
-            if !a.queue.event_idx_enabled() || !a.queue.enable_notification(&a.mem).unwrap_or(false)
-            {
-                break;
-            }
-        }
-        if used_any && a.queue.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal_used();
         }
     }
 }
 
-/// virtio_blk_config: capacity, seg_max, and the discard/write-zeroes limits.
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// virtio_blk_config: capacity, size_max, seg_max, and the discard and
+/// write-zeroes limits.
 fn config_space(sectors: u64) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&sectors.to_le_bytes());
+    c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
     c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
     let max_sectors = u32::MAX / 512;
     c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
@@ -200,7 +194,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let base = F_VERSION_1 | F_EVENT_IDX | F_SEG_MAX | F_FLUSH;
+        let base = F_VERSION_1 | F_EVENT_IDX | F_SIZE_MAX | F_SEG_MAX | F_FLUSH;
         if self.read_only {
             base | F_RO
         } else {
@@ -224,25 +218,32 @@ impl VirtioDevice for Block {
         mut queues: Vec<Queue>,
         interrupt: QueueInterrupt,
     ) {
-        if let Some(queue) = queues.pop() {
-            self.active = Some(Active {
-                mem,
-                queue,
-                interrupt,
-            });
+        self.stop_worker();
+        let (Some(queue), Some(mut engine)) = (queues.pop(), self.engine.take()) else {
+            return;
+        };
+        engine.writeback = self.acked & F_FLUSH != 0;
+        match worker::Worker::start(&self.name, engine, mem, queue, interrupt) {
+            Ok(w) => self.worker = Some(w),
+            Err((engine, e)) => {
+                self.engine = engine;
+                tracing::error!("virtio-blk {}: {}", self.name, BlockError::Worker(e));
+            }
         }
     }
 
     fn queue_notify(&mut self, _index: u16) {
-        self.process_queue();
+        if let Some(w) = &self.worker {
+            w.notify();
+        }
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.stop_worker();
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        let m = &self.metrics;
+        let m = self.metrics();
         vec![
             ("reads", m.reads),
             ("writes", m.writes),
@@ -251,6 +252,10 @@ impl VirtioDevice for Block {
             ("bytes_read", m.bytes_read),
             ("bytes_written", m.bytes_written),
             ("errors", m.errors),
+            ("flush_errors", m.flush_errors),
+            ("flush_failed", m.flush_failed),
+            ("enospc_waits", m.enospc_waits),
+            ("stalled", m.stalled),
         ]
     }
 }

@@ -1,14 +1,12 @@
 //! One virtio-blk request: parse, check, execute, and the status byte.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Write};
 
-use nix::fcntl::{fallocate, FallocateFlags};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
-use super::{BlockMetrics, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::engine::{Counters, Engine};
+use super::{MAX_DISCARD_SEGMENTS, MAX_REQUEST_BYTES, SECTOR_SIZE};
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -17,6 +15,9 @@ const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
 const T_WRITE_ZEROES: u32 = 13;
 const WRITE_ZEROES_UNMAP: u32 = 1;
+
+/// Bytes moved between guest memory and the file per step.
+const CHUNK: usize = 1 << 20;
 
 /// The status byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,83 +33,118 @@ pub enum Status {
 pub enum RequestError {
     #[error("descriptor chain is malformed")]
     Chain,
+    #[error("request of {0} bytes is larger than the device allows")]
+    TooLarge(usize),
     #[error("request beyond the end of the disk")]
     OutOfRange,
     #[error("write to a read-only disk")]
     ReadOnly,
     #[error("unsupported request type {0}")]
     Unsupported(u32),
+    #[error("an earlier flush failed; the disk's durability is unknown")]
+    FlushFailed,
     #[error("I/O error: {0}")]
-    Io(std::io::Error),
+    Io(io::Error),
+    #[error("flushing the disk failed: {0}")]
+    Sync(io::Error),
 }
 
-/// Runs the request in `chain`; returns the bytes written to the guest
-/// (data + status), or 0 if not even a status byte could be written.
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Completed: the bytes written to the guest (data + status), or 0 if
+    /// not even a status byte could be written.
+    Done(u32),
+    /// The host's disk is full: nothing is reported to the guest and the
+    /// request runs again once there is room.
+    HostFull,
+}
+
+/// Runs the request in `chain`.
 pub fn execute(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    file: &File,
-    read_only: bool,
-    sectors: u64,
-    id: &[u8; 20],
-    metrics: &mut BlockMetrics,
-) -> u32 {
+    engine: &mut Engine,
+) -> Outcome {
+    let c = engine.counters.clone();
     let Ok(mut reader) = chain.clone().reader(mem) else {
-        return 0;
+        Counters::add(&c.errors, 1);
+        return Outcome::Done(0);
     };
     let Ok(mut writer) = chain.writer(mem) else {
-        return 0;
+        Counters::add(&c.errors, 1);
+        return Outcome::Done(0);
     };
     // The status byte is the last writable byte.
     let Some(data_len) = writer.available_bytes().checked_sub(1) else {
-        metrics.errors += 1;
-        return 0;
+        Counters::add(&c.errors, 1);
+        return Outcome::Done(0);
     };
     let Ok(mut status_writer) = writer.split_at(data_len) else {
-        return 0;
+        Counters::add(&c.errors, 1);
+        return Outcome::Done(0);
     };
-    let result = run(
-        &mut reader,
-        &mut writer,
-        data_len,
-        file,
-        read_only,
-        sectors,
-        id,
-        metrics,
-    );
+    let result = run(&mut reader, &mut writer, data_len, engine);
     let status = match &result {
         Ok(()) => Status::Ok,
+        Err(RequestError::Io(e)) if is_host_full(e) => {
+            let waits = Counters::get(&c.enospc_waits);
+            Counters::add(&c.enospc_waits, 1);
+            if let Some(s) = engine.log.hit() {
+                tracing::warn!(
+                    "virtio-blk: the host disk is full; the guest's disk I/O waits until there is free space ({} waits so far){s}",
+                    waits + 1
+                );
+            }
+            return Outcome::HostFull;
+        }
         Err(RequestError::Unsupported(_)) => Status::Unsupported,
         Err(_) => Status::IoErr,
     };
     if let Err(e) = &result {
-        metrics.errors += 1;
-        tracing::debug!("virtio-blk: {e}");
+        Counters::add(&c.errors, 1);
+        match e {
+            RequestError::Io(_) | RequestError::Sync(_) | RequestError::FlushFailed => {
+                if let Some(s) = engine.log.hit() {
+                    tracing::error!("virtio-blk: {e}{s}");
+                }
+            }
+            _ => tracing::debug!("virtio-blk: {e}"),
+        }
     }
     if status_writer.write_all(&[status as u8]).is_err() {
-        return 0;
+        return Outcome::Done(0);
     }
-    (writer.bytes_written() + 1) as u32
+    // At most MAX_REQUEST_BYTES + 1: always fits.
+    Outcome::Done(u32::try_from(writer.bytes_written() + 1).unwrap_or(0))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// ENOSPC, or EDQUOT (a user's quota is a full disk too).
+fn is_host_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 fn run(
     reader: &mut virtio_queue::Reader<'_>,
     writer: &mut virtio_queue::Writer<'_>,
     data_len: usize,
-    file: &File,
-    read_only: bool,
-    sectors: u64,
-    id: &[u8; 20],
-    metrics: &mut BlockMetrics,
+    e: &mut Engine,
 ) -> Result<(), RequestError> {
+    let c = e.counters.clone();
     let mut hdr = [0u8; 16];
     reader
         .read_exact(&mut hdr)
         .map_err(|_| RequestError::Chain)?;
     let kind = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
     let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+    // Descriptors may alias one another: a chain's total length says
+    // nothing about guest memory, so it is capped here.
+    for len in [data_len, reader.available_bytes()] {
+        if len > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge(len));
+        }
+    }
+    let sectors = e.sectors;
     let span = |len: u64| -> Result<u64, RequestError> {
         let end = sector
             .checked_add(len.div_ceil(SECTOR_SIZE))
@@ -121,11 +157,12 @@ fn run(
     match kind {
         T_IN => {
             let mut offset = span(data_len as u64)?;
-            let mut buf = vec![0u8; data_len.min(1 << 20)];
+            let mut buf = vec![0u8; data_len.min(CHUNK)];
             let mut left = data_len;
             while left > 0 {
                 let n = left.min(buf.len());
-                file.read_exact_at(&mut buf[..n], offset)
+                e.storage
+                    .read_at(&mut buf[..n], offset)
                     .map_err(RequestError::Io)?;
                 writer
                     .write_all(&buf[..n])
@@ -133,45 +170,51 @@ fn run(
                 offset += n as u64;
                 left -= n;
             }
-            metrics.reads += 1;
-            metrics.bytes_read += data_len as u64;
+            Counters::add(&c.reads, 1);
+            Counters::add(&c.bytes_read, data_len as u64);
             Ok(())
         }
         T_OUT => {
-            if read_only {
+            if e.read_only {
                 return Err(RequestError::ReadOnly);
             }
             let len = reader.available_bytes();
             let mut offset = span(len as u64)?;
-            let mut buf = vec![0u8; len.min(1 << 20)];
+            let mut buf = vec![0u8; len.min(CHUNK)];
             let mut left = len;
             while left > 0 {
                 let n = left.min(buf.len());
                 reader
                     .read_exact(&mut buf[..n])
                     .map_err(|_| RequestError::Chain)?;
-                file.write_all_at(&buf[..n], offset)
+                e.storage
+                    .write_at(&buf[..n], offset)
                     .map_err(RequestError::Io)?;
                 offset += n as u64;
                 left -= n;
             }
-            metrics.writes += 1;
-            metrics.bytes_written += len as u64;
+            if !e.writeback {
+                sync(e)?;
+            }
+            Counters::add(&c.writes, 1);
+            Counters::add(&c.bytes_written, len as u64);
             Ok(())
         }
         T_FLUSH => {
-            metrics.flushes += 1;
-            if read_only {
+            Counters::add(&c.flushes, 1);
+            if e.read_only {
                 return Ok(());
             }
-            file.sync_data().map_err(RequestError::Io)
+            sync(e)
         }
         T_GET_ID => {
-            let n = data_len.min(id.len());
-            writer.write_all(&id[..n]).map_err(|_| RequestError::Chain)
+            let n = data_len.min(e.id.len());
+            writer
+                .write_all(&e.id[..n])
+                .map_err(|_| RequestError::Chain)
         }
         T_DISCARD | T_WRITE_ZEROES => {
-            if read_only {
+            if e.read_only {
                 return Err(RequestError::ReadOnly);
             }
             let segs = reader.available_bytes() / 16;
@@ -195,22 +238,41 @@ fn run(
                 }
                 // Punching a hole reads back as zeroes and frees the space;
                 // a write-zeroes that may not unmap keeps it allocated.
-                let mode = if kind == T_WRITE_ZEROES && flags & WRITE_ZEROES_UNMAP == 0 {
-                    FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+                let (off, len) = (start * SECTOR_SIZE, count * SECTOR_SIZE);
+                if kind == T_WRITE_ZEROES && flags & WRITE_ZEROES_UNMAP == 0 {
+                    e.storage.zero_range(off, len)
                 } else {
-                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-                };
-                fallocate(
-                    file,
-                    mode,
-                    (start * SECTOR_SIZE) as i64,
-                    (count * SECTOR_SIZE) as i64,
-                )
-                .map_err(|e| RequestError::Io(e.into()))?;
+                    e.storage.punch_hole(off, len)
+                }
+                .map_err(RequestError::Io)?;
             }
-            metrics.discards += 1;
+            if !e.writeback {
+                sync(e)?;
+            }
+            Counters::add(&c.discards, 1);
             Ok(())
         }
         other => Err(RequestError::Unsupported(other)),
     }
+}
+
+/// Makes completed writes durable; once that has failed, never claims it
+/// again.
+fn sync(e: &mut Engine) -> Result<(), RequestError> {
+    if e.flush_failed {
+        Counters::add(&e.counters.flush_errors, 1);
+        return Err(RequestError::FlushFailed);
+    }
+    if let Err(err) = e.storage.sync() {
+        e.flush_failed = true;
+        Counters::add(&e.counters.flush_errors, 1);
+        e.counters
+            .flush_failed
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(
+            "virtio-blk: flushing the disk failed ({err}); writes since the last good flush may be lost, and every later flush will fail"
+        );
+        return Err(RequestError::Sync(err));
+    }
+    Ok(())
 }

@@ -22,11 +22,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::virtio::queue::Pass;
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::GuestMemoryMmap;
 
-pub use muxer::Metrics;
 use muxer::Muxer;
+pub use muxer::{timeouts, Metrics};
 pub use virtio::VsockDevice;
 
 /// The host's CID, fixed by the virtio spec.
@@ -40,15 +42,22 @@ pub const NUM_QUEUES: usize = 3;
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
 /// Receive buffer each connection advertises to the guest.
 pub const CONN_BUF: u32 = 256 * 1024;
-/// Connections open at once, beyond which new ones are refused.
+/// The most connections open at once; a process with fewer descriptors
+/// to spare gets a lower cap (see `berth_limits::fds::connection_cap`).
 pub const MAX_CONNS: usize = 4096;
+/// Queue size, the same for both transports.
+pub const QUEUE_SIZE: u16 = 256;
+/// The features the device offers, whatever the transport.
+pub const FEATURES: u64 = (1 << virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1)
+    | (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+    | (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
 
-pub(crate) const TYPE_STREAM: u16 = 1;
-pub(crate) const SHUTDOWN_RCV: u32 = 1;
-pub(crate) const SHUTDOWN_SEND: u32 = 2;
+pub const TYPE_STREAM: u16 = 1;
+pub const SHUTDOWN_RCV: u32 = 1;
+pub const SHUTDOWN_SEND: u32 = 2;
 
 /// Packet operations.
-pub(crate) mod op {
+pub mod op {
     pub const REQUEST: u16 = 1;
     pub const RESPONSE: u16 = 2;
     pub const RST: u16 = 3;
@@ -79,14 +88,19 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Listens on `uds_path` (replacing a stale socket file there).
-    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
+    /// Listens on `uds_path` (replacing a stale socket file there); at
+    /// most `max_conns` connections are open at once.
+    pub fn new(guest_cid: u64, uds_path: &Path, max_conns: usize) -> Result<Vsock, VsockError> {
         if guest_cid < 3 || guest_cid > u32::MAX as u64 {
             return Err(VsockError::Cid(guest_cid));
         }
         Ok(Vsock {
-            muxer: Muxer::new(guest_cid, uds_path)?,
+            muxer: Muxer::new(guest_cid, uds_path, max_conns.min(MAX_CONNS))?,
         })
+    }
+
+    pub fn max_conns(&self) -> usize {
+        self.muxer.max_conns()
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -105,9 +119,8 @@ impl Vsock {
         self.muxer.epoll.as_raw_fd()
     }
 
-    /// Takes every packet the guest queued on the TX queue. Returns whether
-    /// any descriptor was used (the guest should be notified).
-    pub fn process_tx(&mut self, queue: &mut Queue, mem: &Mem) -> bool {
+    /// Takes every packet the guest queued on the TX queue.
+    pub fn process_tx(&mut self, queue: &mut Queue, mem: &Mem) -> Pass {
         let mut used = false;
         while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -123,12 +136,15 @@ impl Vsock {
             }
             used = true;
         }
-        used
+        Pass {
+            used,
+            drained: true,
+        }
     }
 
-    /// Fills guest RX buffers with whatever the host side has for the guest.
-    /// Returns whether any descriptor was used.
-    pub fn process_rx(&mut self, queue: &mut Queue, mem: &Mem) -> bool {
+    /// Fills guest RX buffers with whatever the host side has for the
+    /// guest; buffers it has nothing for stay available.
+    pub fn process_rx(&mut self, queue: &mut Queue, mem: &Mem) -> Pass {
         let mut used = false;
         while self.muxer.has_rx_work() {
             let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
@@ -158,7 +174,10 @@ impl Vsock {
                 None => queue.go_to_previous_position(),
             }
         }
-        used
+        Pass {
+            used,
+            drained: false,
+        }
     }
 
     /// Accepts host connections and notes readable and writable sockets.
@@ -169,7 +188,17 @@ impl Vsock {
     pub fn metrics(&self) -> Metrics {
         self.muxer.metrics()
     }
+
+    /// Ends what waited too long and retries what may now succeed, as of
+    /// `now`. The device's timer does this by itself while anything
+    /// waits; tests call it to move time on.
+    pub fn sweep(&mut self, now: std::time::Instant) {
+        self.muxer.sweep(now);
+    }
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;

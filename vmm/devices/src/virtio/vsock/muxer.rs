@@ -5,19 +5,20 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::num::Wrapping;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use berth_limits::RateLimiter;
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::conn::{Conn, ConnKey, HostRead, State};
-use super::{
-    op, VsockError, CONN_BUF, HOST_CID, MAX_CONNS, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
-};
-use crate::ratelimit::LogLimiter;
+use super::{op, VsockError, CONN_BUF, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
 /// Host ports handed to host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -25,7 +26,33 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const MAX_CONNECT_LINE: usize = 32;
 /// RSTs owed for packets without a connection, beyond which more are dropped.
 const MAX_STRAY_RSTS: usize = 1024;
+/// Listen backlog of the host socket: connections beyond the cap, or
+/// arriving while accepting is paused, wait here.
+const BACKLOG: i32 = 1024;
 const LISTENER_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// Epoll rounds per call to [`Muxer::handle_host_events`], so one busy
+/// host socket cannot keep the caller from the queues.
+const MAX_ROUNDS: usize = 16;
+
+/// How long things may wait, and how the timer ticks while they do.
+pub mod timeouts {
+    use std::time::Duration;
+    /// A host connection that has not sent its `CONNECT` line.
+    pub const CONNECT_LINE: Duration = Duration::from_secs(10);
+    /// A host-initiated connection the guest has not answered.
+    pub const GUEST_ANSWER: Duration = Duration::from_secs(10);
+    /// A guest connection to a host listener whose backlog is full.
+    pub const HOST_LISTENER: Duration = Duration::from_secs(2);
+    /// A connection whose host side is gone, for the guest to finish it.
+    pub const CLOSE: Duration = Duration::from_secs(10);
+    /// First pause of accepting after `accept` failed (out of descriptors,
+    /// most likely); doubles while it keeps failing.
+    pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+    pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+    /// The timer's period while anything waits; it is off otherwise.
+    pub const TICK: Duration = Duration::from_millis(100);
+}
 
 /// Per-device counters.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -33,10 +60,18 @@ pub struct Metrics {
     pub host_connects: u64,
     pub guest_connects: u64,
     pub conns_open: u64,
+    /// Host connections that have not sent their `CONNECT` line yet.
+    pub handshakes: u64,
     pub bytes_to_guest: u64,
     pub bytes_to_host: u64,
     pub rst_sent: u64,
     pub bad_packets: u64,
+    /// Handshakes and closes that took too long and were abandoned.
+    pub timeouts: u64,
+    /// `accept` failures (each pauses accepting for a while).
+    pub accept_errors: u64,
+    /// Host connections closed unanswered because the cap was reached.
+    pub refused_at_cap: u64,
 }
 
 /// A host connection that has not finished its `CONNECT` line.
@@ -44,6 +79,16 @@ pub struct Metrics {
 struct Pending {
     stream: UnixStream,
     line: Vec<u8>,
+    deadline: Instant,
+}
+
+/// A guest connection whose host listener's backlog was full.
+#[derive(Debug)]
+struct Waiting {
+    path: PathBuf,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+    deadline: Instant,
 }
 
 #[derive(Debug)]
@@ -52,16 +97,27 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     pub epoll: Epoll,
+    timer: TimerFd,
+    timer_armed: bool,
+    max_conns: usize,
+    /// Accepting is paused until then (after `accept` failed).
+    accept_paused_until: Option<Instant>,
+    accept_backoff: Duration,
     pending: HashMap<RawFd, Pending>,
+    waiting: HashMap<ConnKey, Waiting>,
     conns: HashMap<ConnKey, Conn>,
     by_fd: HashMap<RawFd, ConnKey>,
+    /// Connections with a deadline: host-initiated ones the guest has not
+    /// answered, and ones whose host side is gone.
+    deadlines: HashMap<ConnKey, Instant>,
     /// Connections that may have something for the guest.
     rx_work: VecDeque<ConnKey>,
     /// RSTs for guest packets that matched no connection.
     stray_rsts: VecDeque<ConnKey>,
     next_local_port: u32,
     metrics: Metrics,
-    bad_log: LogLimiter,
+    bad_log: RateLimiter,
+    accept_log: RateLimiter,
 }
 
 /// A fully described packet header to write into a guest RX buffer.
@@ -74,7 +130,9 @@ struct Header {
 }
 
 impl Muxer {
-    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Muxer, VsockError> {
+    /// Listens on `uds_path`; at most `max_conns` connections (each one
+    /// host descriptor) are open at once.
+    pub fn new(guest_cid: u64, uds_path: &Path, max_conns: usize) -> Result<Muxer, VsockError> {
         let shown = uds_path.display().to_string();
         // A socket file left by an earlier run would make bind fail.
         if std::fs::symlink_metadata(uds_path)
@@ -82,45 +140,72 @@ impl Muxer {
         {
             let _ = std::fs::remove_file(uds_path);
         }
-        let listener =
-            UnixListener::bind(uds_path).map_err(|e| VsockError::Listen(shown.clone(), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| VsockError::Listen(shown, e))?;
+        let listener = listen(uds_path).map_err(|e| VsockError::Listen(shown, e))?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-            )
-            .map_err(VsockError::Epoll)?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(|e| VsockError::Epoll(e.into()))?;
+        for (fd, token) in [
+            (listener.as_raw_fd(), LISTENER_TOKEN),
+            (timer.as_fd().as_raw_fd(), TIMER_TOKEN),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(VsockError::Epoll)?;
+        }
         Ok(Muxer {
             guest_cid,
             uds_path: uds_path.to_owned(),
             listener,
             epoll,
+            timer,
+            timer_armed: false,
+            max_conns: max_conns.max(1),
+            accept_paused_until: None,
+            accept_backoff: timeouts::ACCEPT_BACKOFF,
             pending: HashMap::new(),
+            waiting: HashMap::new(),
             conns: HashMap::new(),
             by_fd: HashMap::new(),
+            deadlines: HashMap::new(),
             rx_work: VecDeque::new(),
             stray_rsts: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             metrics: Metrics::default(),
-            bad_log: LogLimiter::default(),
+            bad_log: RateLimiter::default(),
+            accept_log: RateLimiter::default(),
         })
+    }
+
+    pub fn max_conns(&self) -> usize {
+        self.max_conns
+    }
+
+    /// Connections and handshakes holding a host descriptor.
+    fn open_count(&self) -> usize {
+        self.conns.len() + self.pending.len()
     }
 
     pub fn metrics(&self) -> Metrics {
         let mut m = self.metrics.clone();
         m.conns_open = self.conns.len() as u64;
+        m.handshakes = self.pending.len() as u64;
         m
     }
 
     pub fn bad_packet(&mut self, why: &str) {
         self.metrics.bad_packets += 1;
-        if self.bad_log.hit() {
-            tracing::warn!("vsock: {why} ({} so far)", self.bad_log.count());
+        if let Some(s) = self.bad_log.hit() {
+            tracing::warn!(
+                "vsock: {why} ({} bad packets so far){s}",
+                self.metrics.bad_packets
+            );
         }
     }
 
@@ -158,6 +243,7 @@ impl Muxer {
                 match operation {
                     op::RESPONSE if conn.state == State::Connecting => {
                         conn.state = State::Established;
+                        self.deadlines.remove(&key);
                         let ok = format!("OK {}\n", key.local_port);
                         // The line goes ahead of any data and is tiny: a
                         // fresh socket always has room for it.
@@ -188,38 +274,59 @@ impl Muxer {
                     }
                     op::CREDIT_UPDATE => {}
                     op::CREDIT_REQUEST => conn.owed.credit_update = true,
-                    _ => {
+                    other => {
                         conn.owed.rst = true;
-                        self.bad_log.hit();
-                        self.metrics.bad_packets += 1;
+                        self.bad_packet(&format!("unexpected operation {other}"));
                     }
                 }
                 self.refresh(key);
+                self.update_timer();
             }
         }
     }
 
-    /// A guest connection to host port `key.local_port`.
+    /// A guest connection to host port `key.local_port`: joined to a new
+    /// connection to `<uds_path>_<port>`, made without blocking. A listener
+    /// whose backlog is full is tried again for a while.
     fn guest_connect(&mut self, key: ConnKey, buf_alloc: u32, fwd_cnt: u32) {
-        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNS {
+        if self.conns.contains_key(&key)
+            || self.waiting.contains_key(&key)
+            || self.open_count() + self.waiting.len() >= self.max_conns
+        {
             self.stray_rst(key);
             return;
         }
-        let path = format!("{}_{}", self.uds_path.display(), key.local_port);
-        let stream =
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("vsock: guest connection to {path} refused: {e}");
-                    self.stray_rst(key);
-                    return;
-                }
-            };
-        let mut conn = Conn::new(stream, key, State::Established);
-        conn.update_peer_credit(buf_alloc, fwd_cnt);
-        conn.owed.response = true;
-        self.metrics.guest_connects += 1;
-        self.insert(conn);
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.local_port));
+        let w = Waiting {
+            path,
+            buf_alloc,
+            fwd_cnt,
+            deadline: Instant::now() + timeouts::HOST_LISTENER,
+        };
+        self.try_guest_connect(key, w, Instant::now());
+    }
+
+    fn try_guest_connect(&mut self, key: ConnKey, w: Waiting, now: Instant) {
+        match connect_nonblocking(&w.path) {
+            Ok(stream) => {
+                let mut conn = Conn::new(stream, key, State::Established);
+                conn.update_peer_credit(w.buf_alloc, w.fwd_cnt);
+                conn.owed.response = true;
+                self.metrics.guest_connects += 1;
+                self.insert(conn);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && now < w.deadline => {
+                self.waiting.insert(key, w);
+                self.update_timer();
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "vsock: guest connection to {} refused: {e}",
+                    w.path.display()
+                );
+                self.stray_rst(key);
+            }
+        }
     }
 
     fn stray_rst(&mut self, key: ConnKey) {
@@ -299,7 +406,15 @@ impl Muxer {
                         if conn.settle_shutdown() {
                             conn.owed.rst = true;
                         }
-                        header(op::SHUTDOWN, SHUTDOWN_SEND, 0)
+                        // A host side that hung up takes nothing more
+                        // either: say so, and the guest finishes the
+                        // connection at once instead of holding it open.
+                        let flags = if conn.hup {
+                            SHUTDOWN_SEND | SHUTDOWN_RCV
+                        } else {
+                            SHUTDOWN_SEND
+                        };
+                        header(op::SHUTDOWN, flags, 0)
                     }
                 }
             } else if conn.owed.shutdown != 0 {
@@ -338,10 +453,12 @@ impl Muxer {
 
     // ---- host sockets ----
 
-    /// Drains the epoll instance without blocking.
+    /// Serves what the epoll instance reports, without blocking and for a
+    /// bounded number of rounds (the instance stays readable if more is
+    /// left, so the caller comes back).
     pub fn handle_host_events(&mut self) {
         let mut events = [EpollEvent::default(); 64];
-        loop {
+        for _ in 0..MAX_ROUNDS {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -354,24 +471,41 @@ impl Muxer {
                 return;
             }
             for ev in &events[..n] {
-                let (token, set) = (ev.data(), ev.event_set());
-                if token == LISTENER_TOKEN {
-                    self.accept_all();
-                } else {
-                    self.host_socket_event(token as RawFd, set);
+                match ev.data() {
+                    LISTENER_TOKEN => self.accept_all(),
+                    TIMER_TOKEN => {
+                        let _ = self.timer.wait();
+                        self.timer_armed = false;
+                        self.sweep(Instant::now());
+                    }
+                    token => self.host_socket_event(token as RawFd, ev.event_set()),
                 }
             }
         }
     }
 
     fn accept_all(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() + self.pending.len() >= MAX_CONNS
-                        || stream.set_nonblocking(true).is_err()
-                    {
-                        continue; // dropping it closes it
+                    self.accept_backoff = timeouts::ACCEPT_BACKOFF;
+                    if self.open_count() >= self.max_conns {
+                        // Refused: the client sees its connection closed
+                        // before the `OK` line.
+                        self.metrics.refused_at_cap += 1;
+                        if let Some(s) = self.accept_log.hit() {
+                            tracing::warn!(
+                                "vsock: {} connections open, the most this process can hold; refusing more{s}",
+                                self.max_conns
+                            );
+                        }
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
                     }
                     let fd = stream.as_raw_fd();
                     if self
@@ -388,18 +522,119 @@ impl Muxer {
                             Pending {
                                 stream,
                                 line: Vec::new(),
+                                deadline: Instant::now() + timeouts::CONNECT_LINE,
                             },
                         );
+                        self.update_timer();
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
-                    return;
-                }
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => {}
+                Err(e) => return self.pause_accepting(e),
             }
         }
+    }
+
+    /// `accept` failed (out of descriptors, most likely): the listener
+    /// would stay readable and wake us forever, so it leaves the epoll
+    /// set until the backoff has passed. New clients wait in the backlog.
+    fn pause_accepting(&mut self, e: std::io::Error) {
+        self.metrics.accept_errors += 1;
+        let backoff = self.accept_backoff;
+        self.accept_backoff = (backoff * 2).min(timeouts::ACCEPT_BACKOFF_MAX);
+        if let Some(s) = self.accept_log.hit() {
+            tracing::warn!(
+                "vsock: accept on {} failed: {e}; pausing new connections for {} ms ({} open){s}",
+                self.uds_path.display(),
+                backoff.as_millis(),
+                self.open_count()
+            );
+        }
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            self.listener.as_raw_fd(),
+            EpollEvent::new(EventSet::empty(), LISTENER_TOKEN),
+        );
+        self.accept_paused_until = Some(Instant::now() + backoff);
+        self.update_timer();
+    }
+
+    fn resume_accepting(&mut self) {
+        self.accept_paused_until = None;
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            self.listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        );
+    }
+
+    // ---- time ----
+
+    /// Whether anything waits on the clock.
+    fn needs_timer(&self) -> bool {
+        self.accept_paused_until.is_some()
+            || !self.pending.is_empty()
+            || !self.waiting.is_empty()
+            || !self.deadlines.is_empty()
+    }
+
+    /// Arms the periodic timer while anything waits, and disarms it once
+    /// nothing does: an idle device takes no wakeups.
+    fn update_timer(&mut self) {
+        let want = self.needs_timer();
+        if want == self.timer_armed {
+            return;
+        }
+        let r = if want {
+            let tick = TimeSpec::from_duration(timeouts::TICK);
+            self.timer
+                .set(Expiration::Interval(tick), TimerSetTimeFlags::empty())
+        } else {
+            self.timer.unset()
+        };
+        match r {
+            Ok(()) => self.timer_armed = want,
+            Err(e) => tracing::error!("vsock: cannot set the timer: {e}"),
+        }
+    }
+
+    /// Ends what waited too long, retries what may now succeed.
+    pub fn sweep(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.resume_accepting();
+            self.accept_all();
+        }
+        let late: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now >= p.deadline)
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in late {
+            self.metrics.timeouts += 1;
+            self.drop_pending(fd);
+        }
+        let late: Vec<ConnKey> = self
+            .deadlines
+            .iter()
+            .filter(|(_, &t)| now >= t)
+            .map(|(&k, _)| k)
+            .collect();
+        for key in late {
+            self.metrics.timeouts += 1;
+            // The host side is closed now; the guest learns with an RST
+            // whenever it next takes a buffer.
+            self.remove(key);
+            self.stray_rst(key);
+        }
+        let waiting: Vec<ConnKey> = self.waiting.keys().copied().collect();
+        for key in waiting {
+            if let Some(w) = self.waiting.remove(&key) {
+                self.try_guest_connect(key, w, now);
+            }
+        }
+        self.update_timer();
     }
 
     fn host_socket_event(&mut self, fd: RawFd, set: EventSet) {
@@ -424,7 +659,15 @@ impl Muxer {
             let _ = self
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            // Whatever the guest does now, the connection is gone soon.
+            self.deadlines
+                .entry(key)
+                .or_insert_with(|| Instant::now() + timeouts::CLOSE);
+            self.update_timer();
         }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
         if set.contains(EventSet::OUT) || set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             let failed = conn.flush_host().is_err();
             if failed || (conn.peer_shut != 0 && conn.settle_shutdown()) {
@@ -476,7 +719,10 @@ impl Muxer {
         conn.early_rx = p.line[nl + 1..].to_vec();
         conn.owed.request = true;
         self.metrics.host_connects += 1;
+        self.deadlines
+            .insert(key, Instant::now() + timeouts::GUEST_ANSWER);
         self.insert(conn);
+        self.update_timer();
     }
 
     fn drop_pending(&mut self, fd: RawFd) {
@@ -485,10 +731,11 @@ impl Muxer {
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
+        self.update_timer();
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> Option<u32> {
-        for _ in 0..MAX_CONNS * 2 {
+        for _ in 0..self.max_conns * 2 {
             let p = self.next_local_port;
             self.next_local_port = self
                 .next_local_port
@@ -518,6 +765,7 @@ impl Muxer {
             )
             .is_err()
         {
+            self.deadlines.remove(&key);
             self.stray_rst(key);
             return;
         }
@@ -535,6 +783,9 @@ impl Muxer {
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.by_fd.remove(&fd);
+        }
+        if self.deadlines.remove(&key).is_some() {
+            self.update_timer();
         }
     }
 
@@ -575,4 +826,39 @@ pub fn parse_connect(line: &[u8]) -> Option<u32> {
         return None;
     }
     port.parse().ok()
+}
+
+/// Binds the host socket with a deep backlog (the standard library's is
+/// 128), non-blocking.
+fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    let fd: OwnedFd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    socket::listen(&fd, Backlog::new(BACKLOG)?)?;
+    Ok(UnixListener::from(fd))
+}
+
+/// Connects to a unix socket without blocking. A listener whose backlog is
+/// full fails with `WouldBlock` instead of stalling the device.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd: OwnedFd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) => Ok(UnixStream::from(fd)),
+        // Linux says EAGAIN for a full backlog; other systems may say the
+        // connect is in progress. Either way: not now.
+        Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => Err(ErrorKind::WouldBlock.into()),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -3,285 +3,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{Address, Bytes, GuestAddress};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use vm_memory::{Bytes, GuestAddress};
 
+use super::testing::*;
 use super::*;
-
-const GUEST_CID: u64 = 3;
-const QSIZE: u16 = 256;
-const BUF: u32 = 4096;
-
-/// One parsed packet header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Hdr {
-    src_cid: u64,
-    dst_cid: u64,
-    src_port: u32,
-    dst_port: u32,
-    len: u32,
-    type_: u16,
-    op: u16,
-    flags: u32,
-    buf_alloc: u32,
-    fwd_cnt: u32,
-}
-
-impl Hdr {
-    fn to_bytes(self) -> [u8; 44] {
-        let mut b = [0u8; 44];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
-    }
-
-    fn from_bytes(b: &[u8]) -> Hdr {
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
-        Hdr {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-
-    /// A guest → host packet between guest port `src` and host port `dst`.
-    fn guest(op: u16, src: u32, dst: u32) -> Hdr {
-        Hdr {
-            src_cid: GUEST_CID,
-            dst_cid: HOST_CID,
-            src_port: src,
-            dst_port: dst,
-            type_: TYPE_STREAM,
-            op,
-            buf_alloc: 1 << 20,
-            ..Hdr::default()
-        }
-    }
-}
-
-/// A guest's view of the device: queues in test memory.
-struct Guest {
-    mem: &'static Mem,
-    rxq: MockSplitQueue<'static, Mem>,
-    txq: MockSplitQueue<'static, Mem>,
-    rx: Queue,
-    tx: Queue,
-    rx_next_desc: u16,
-    tx_next_desc: u16,
-    rx_seen_used: u16,
-    next_buf: u64,
-    /// RX buffers posted: descriptor head → (header addr, data addr).
-    rx_bufs: std::collections::HashMap<u16, (u64, u64)>,
-    dev: Vsock,
-    dir: PathBuf,
-}
-
-impl Guest {
-    fn new(name: &str) -> Guest {
-        let mem: &'static Mem = Box::leak(Box::new(
-            Mem::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap(),
-        ));
-        let rxq = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
-        let txq = MockSplitQueue::create(mem, GuestAddress(0x10000), QSIZE);
-        let rx = rxq.create_queue().unwrap();
-        let tx = txq.create_queue().unwrap();
-        let dir = std::env::temp_dir().join(format!("berth-vsock-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let dev = Vsock::new(GUEST_CID, &dir.join("v.sock")).unwrap();
-        Guest {
-            mem,
-            rxq,
-            txq,
-            rx,
-            tx,
-            rx_next_desc: 0,
-            tx_next_desc: 0,
-            rx_seen_used: 0,
-            next_buf: 0x100000,
-            rx_bufs: Default::default(),
-            dev,
-            dir,
-        }
-    }
-
-    fn uds(&self) -> PathBuf {
-        self.dir.join("v.sock")
-    }
-
-    fn alloc(&mut self, len: u64) -> u64 {
-        if self.next_buf + len > 32 << 20 {
-            self.next_buf = 0x100000;
-        }
-        let a = self.next_buf;
-        self.next_buf += len.div_ceil(64) * 64;
-        a
-    }
-
-    /// Queues a TX chain [header, data] (or a custom descriptor list).
-    fn send_raw(&mut self, descs: &[(u64, u32, u16)]) {
-        let base = self.tx_next_desc;
-        let n = descs.len() as u16;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let last = i as u16 == n - 1;
-                let next = if last {
-                    0
-                } else {
-                    (base + i as u16 + 1) % QSIZE
-                };
-                let f = if last {
-                    flags
-                } else {
-                    flags | VRING_DESC_F_NEXT as u16
-                };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, f, next))
-            })
-            .collect();
-        self.txq.add_desc_chains(&raw, base).unwrap();
-        self.tx_next_desc = (base + n) % QSIZE;
-        self.dev.process_tx(&mut self.tx, self.mem);
-    }
-
-    fn send(&mut self, h: Hdr, data: &[u8]) {
-        let ha = self.alloc(44);
-        let mut h = h;
-        h.len = data.len() as u32;
-        self.mem
-            .write_slice(&h.to_bytes(), GuestAddress(ha))
-            .unwrap();
-        if data.is_empty() {
-            self.send_raw(&[(ha, 44, 0)]);
-        } else {
-            let da = self.alloc(data.len() as u64);
-            self.mem.write_slice(data, GuestAddress(da)).unwrap();
-            self.send_raw(&[(ha, 44, 0), (da, data.len() as u32, 0)]);
-        }
-    }
-
-    /// Posts `n` RX buffers (header + BUF bytes, two descriptors each).
-    fn post_rx(&mut self, n: usize) {
-        for _ in 0..n {
-            let base = self.rx_next_desc;
-            let ha = self.alloc(44);
-            let da = self.alloc(BUF as u64);
-            let w = VRING_DESC_F_WRITE as u16;
-            let raw = [
-                RawDescriptor::from(SplitDescriptor::new(
-                    ha,
-                    44,
-                    w | VRING_DESC_F_NEXT as u16,
-                    (base + 1) % QSIZE,
-                )),
-                RawDescriptor::from(SplitDescriptor::new(da, BUF, w, 0)),
-            ];
-            self.rxq.add_desc_chains(&raw, base).unwrap();
-            self.rx_bufs.insert(base, (ha, da));
-            self.rx_next_desc = (base + 2) % QSIZE;
-        }
-    }
-
-    /// Lets the device look at host sockets and fill RX buffers; returns
-    /// the packets the guest received.
-    fn poll(&mut self) -> Vec<(Hdr, Vec<u8>)> {
-        self.dev.handle_host_events();
-        self.dev.process_rx(&mut self.rx, self.mem);
-        let used_addr = self.rxq.used_addr();
-        let idx: u16 = self.mem.read_obj(used_addr.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.rx_seen_used != idx {
-            let slot = (self.rx_seen_used % QSIZE) as u64;
-            let id: u32 = self
-                .mem
-                .read_obj(used_addr.unchecked_add(4 + slot * 8))
-                .unwrap();
-            let len: u32 = self
-                .mem
-                .read_obj(used_addr.unchecked_add(8 + slot * 8))
-                .unwrap();
-            self.rx_seen_used = self.rx_seen_used.wrapping_add(1);
-            let (ha, da) = self
-                .rx_bufs
-                .remove(&(id as u16))
-                .expect("used id was posted");
-            if len == 0 {
-                continue;
-            }
-            let mut hb = [0u8; 44];
-            self.mem.read_slice(&mut hb, GuestAddress(ha)).unwrap();
-            let h = Hdr::from_bytes(&hb);
-            assert_eq!(len, 44 + h.len, "used length must be header + payload");
-            let mut data = vec![0u8; h.len as usize];
-            self.mem.read_slice(&mut data, GuestAddress(da)).unwrap();
-            out.push((h, data));
-        }
-        out
-    }
-
-    /// Polls until a packet arrives (host sockets are asynchronous).
-    fn recv(&mut self) -> (Hdr, Vec<u8>) {
-        for _ in 0..200 {
-            self.post_rx(1);
-            let mut got = self.poll();
-            if !got.is_empty() {
-                assert_eq!(got.len(), 1, "{got:?}");
-                return got.remove(0);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("no packet for the guest");
-    }
-
-    /// Connects from the host to guest `port` and completes the handshake.
-    fn host_connect(&mut self, port: u32) -> (UnixStream, u32) {
-        let mut s = UnixStream::connect(self.uds()).unwrap();
-        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-        let (h, _) = self.recv();
-        assert_eq!(
-            (h.op, h.dst_port, h.dst_cid, h.src_cid),
-            (op::REQUEST, port, GUEST_CID, HOST_CID)
-        );
-        self.send(Hdr::guest(op::RESPONSE, port, h.src_port), &[]);
-        let mut line = [0u8; 64];
-        let n = s.read(&mut line).unwrap();
-        assert_eq!(
-            std::str::from_utf8(&line[..n]).unwrap(),
-            format!("OK {}\n", h.src_port)
-        );
-        (s, h.src_port)
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 #[test]
 fn host_initiated_stream_both_ways_with_half_close() {
@@ -330,10 +58,14 @@ fn guest_initiated_stream_reaches_the_port_listener() {
     host.write_all(b"hi guest").unwrap();
     let (h, data) = g.recv();
     assert_eq!((h.op, &data[..]), (op::RW, &b"hi guest"[..]));
-    // Host closes entirely: SHUTDOWN(SEND) reaches the guest.
+    // Host closes entirely: SHUTDOWN with both flags reaches the guest
+    // (the host takes nothing more either), so the guest ends it at once.
     drop(host);
     let (h, _) = g.recv();
-    assert_eq!(h.op, op::SHUTDOWN);
+    assert_eq!(
+        (h.op, h.flags),
+        (op::SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV)
+    );
     g.send(Hdr::guest(op::RST, 5000, 1024), &[]);
     assert_eq!(g.dev.metrics().conns_open, 0);
 }
@@ -431,8 +163,15 @@ fn guest_data_is_buffered_up_to_its_credit_then_reset() {
         reset,
         "a guest ignoring its credit must be reset, not buffered without bound"
     );
-    // Socket buffer + at most CONN_BUF buffered by us.
-    assert!(sent < 64 << 20, "sent {sent}");
+    // What was accepted before the reset: the host socket's send buffer
+    // (the kernel counts overhead, so at most twice wmem_default), at most
+    // CONN_BUF buffered by us, and the chunk that overran it.
+    let wmem: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(212_992);
+    let bound = 2 * wmem + CONN_BUF as usize + 2 * chunk.len();
+    assert!(sent <= bound, "sent {sent} before the reset, bound {bound}");
     drop(s);
 }
 
@@ -472,4 +211,169 @@ fn bad_connect_lines_are_closed() {
         g.poll();
     }
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+}
+
+/// Readable within `ms`?
+fn readable(fd: std::os::fd::RawFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
+#[test]
+fn an_idle_device_takes_no_timer_wakeups() {
+    let mut g = Guest::new("idle");
+    let (s, _) = g.host_connect(2375);
+    g.poll();
+    assert!(!readable(g.dev.host_fd(), 300), "nothing waits: no wakeups");
+    drop(s);
+}
+
+#[test]
+fn a_silent_host_connection_is_closed_after_its_deadline() {
+    let mut g = Guest::new("silent");
+    let mut s = UnixStream::connect(g.uds()).unwrap();
+    g.poll();
+    assert_eq!(g.dev.metrics().handshakes, 1);
+    assert!(
+        readable(g.dev.host_fd(), 1000),
+        "the timer runs while it waits"
+    );
+    g.dev
+        .sweep(std::time::Instant::now() + timeouts::CONNECT_LINE);
+    let mut buf = [0u8; 4];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "closed");
+    let m = g.dev.metrics();
+    assert_eq!((m.handshakes, m.timeouts), (0, 1), "{m:?}");
+}
+
+#[test]
+fn a_guest_that_never_answers_a_connection_is_given_up_on() {
+    let mut g = Guest::new("noanswer");
+    let mut s = UnixStream::connect(g.uds()).unwrap();
+    s.write_all(b"CONNECT 2375\n").unwrap();
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::REQUEST);
+    // No RESPONSE, ever.
+    g.dev
+        .sweep(std::time::Instant::now() + timeouts::GUEST_ANSWER);
+    let mut buf = [0u8; 4];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "host side closed");
+    assert_eq!(g.dev.metrics().conns_open, 0);
+    assert_eq!(g.recv().0.op, op::RST, "and the guest told");
+}
+
+#[test]
+fn a_closed_host_side_is_released_even_if_the_guest_never_finishes() {
+    let mut g = Guest::new("release");
+    let (s, hport) = g.host_connect(2375);
+    drop(s);
+    let (h, _) = g.recv();
+    assert_eq!(
+        (h.op, h.flags),
+        (op::SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV)
+    );
+    assert_eq!(h.src_port, hport);
+    assert_eq!(g.dev.metrics().conns_open, 1, "waiting for the guest");
+    // The guest ignores it (a stuck or hostile guest).
+    g.dev.sweep(std::time::Instant::now() + timeouts::CLOSE);
+    assert_eq!(g.dev.metrics().conns_open, 0, "released regardless");
+    assert_eq!(g.recv().0.op, op::RST);
+}
+
+#[test]
+fn connections_beyond_the_cap_are_refused() {
+    let dir = std::env::temp_dir().join(format!("berth-vsock-cap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut dev = Vsock::new(GUEST_CID, &dir.join("v.sock"), 2).unwrap();
+    let clients: Vec<UnixStream> = (0..3)
+        .map(|_| UnixStream::connect(dir.join("v.sock")).unwrap())
+        .collect();
+    dev.handle_host_events();
+    let m = dev.metrics();
+    assert_eq!((m.handshakes, m.refused_at_cap), (2, 1), "{m:?}");
+    let mut third = &clients[2];
+    let mut buf = [0u8; 4];
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(third.read(&mut buf).unwrap_or(0), 0, "closed at once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A unix listener with the smallest backlog, filled.
+fn full_listener(path: &std::path::Path) -> (std::os::fd::OwnedFd, Vec<std::os::fd::OwnedFd>) {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    socket::listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let c = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match socket::connect(c.as_raw_fd(), &UnixAddr::new(path).unwrap()) {
+            Ok(()) => fillers.push(c),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 100, "the backlog never filled");
+    }
+    (fd, fillers)
+}
+
+#[test]
+fn a_full_host_listener_does_not_stall_the_device() {
+    let mut g = Guest::new("backlog");
+    let path = std::path::PathBuf::from(format!("{}_1025", g.uds().display()));
+    let (listener, _fillers) = full_listener(&path);
+    // The connect would block: the device answers nothing yet and returns.
+    g.send(Hdr::guest(op::REQUEST, 6000, 1025), &[]);
+    g.post_rx(4);
+    assert!(g.poll().is_empty(), "no answer while the backlog is full");
+    // Room again: the next tick connects.
+    let accepted = nix::sys::socket::accept(std::os::fd::AsRawFd::as_raw_fd(&listener)).unwrap();
+    g.dev.sweep(std::time::Instant::now());
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (op::RESPONSE, 6000));
+    // Full again and never drained: refused once the wait is over.
+    let _more = {
+        let mut v = Vec::new();
+        for _ in 0..100 {
+            let c = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
+            if nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&c), &addr).is_err() {
+                break;
+            }
+            v.push(c);
+        }
+        v
+    };
+    g.send(Hdr::guest(op::REQUEST, 6001, 1025), &[]);
+    g.dev
+        .sweep(std::time::Instant::now() + timeouts::HOST_LISTENER + Duration::from_millis(1));
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (op::RST, 6001));
+    let _ = nix::unistd::close(accepted);
 }

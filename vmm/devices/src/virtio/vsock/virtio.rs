@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{Vsock, VsockError, RX_QUEUE, TX_QUEUE};
+use super::{Vsock, VsockError, FEATURES, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::device::{read_config_window, QueueInterrupt, VirtioDevice};
+use crate::virtio::queue::serve;
 
 const VIRTIO_ID_VSOCK: u32 = 19;
-const F_VERSION_1: u64 = 1 << 32;
+const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 
 #[derive(Debug)]
 struct Inner {
@@ -28,14 +29,16 @@ pub struct VsockDevice {
     inner: Arc<Mutex<Inner>>,
     host_fd: RawFd,
     config: [u8; 8],
+    max_conns: usize,
 }
 
 impl VsockDevice {
-    pub fn new(guest_cid: u64, uds: &Path) -> Result<VsockDevice, VsockError> {
-        let dev = Vsock::new(guest_cid, uds)?;
+    pub fn new(guest_cid: u64, uds: &Path, max_conns: usize) -> Result<VsockDevice, VsockError> {
+        let dev = Vsock::new(guest_cid, uds, max_conns)?;
         Ok(VsockDevice {
             host_fd: dev.host_fd(),
             config: dev.config(),
+            max_conns: dev.max_conns(),
             inner: Arc::new(Mutex::new(Inner { dev, active: None })),
         })
     }
@@ -50,7 +53,8 @@ impl VsockDevice {
         let inner = &mut *g;
         inner.dev.handle_host_events();
         if let Some((mem, queues, irq)) = inner.active.as_mut() {
-            if inner.dev.process_rx(&mut queues[RX_QUEUE], mem) {
+            let dev = &mut inner.dev;
+            if serve(&mut queues[RX_QUEUE], mem, |q| dev.process_rx(q, mem)) {
                 irq.signal_used();
             }
         }
@@ -62,10 +66,10 @@ impl VirtioDevice for VsockDevice {
         VIRTIO_ID_VSOCK
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[256, 256, 256]
+        &QUEUE_SIZES
     }
     fn features(&self) -> u64 {
-        F_VERSION_1
+        FEATURES
     }
     fn ack_features(&mut self, _features: u64) {}
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -73,7 +77,7 @@ impl VirtioDevice for VsockDevice {
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: QueueInterrupt) {
-        if queues.len() == 3 {
+        if queues.len() == NUM_QUEUES {
             self.inner.lock().unwrap_or_else(|e| e.into_inner()).active =
                 Some((mem, queues, interrupt));
         }
@@ -84,13 +88,14 @@ impl VirtioDevice for VsockDevice {
         let Some((mem, queues, irq)) = inner.active.as_mut() else {
             return;
         };
-        let mut used = false;
+        let dev = &mut inner.dev;
+        let mut notify = false;
         if index as usize == TX_QUEUE {
-            used |= inner.dev.process_tx(&mut queues[TX_QUEUE], mem);
+            notify |= serve(&mut queues[TX_QUEUE], mem, |q| dev.process_tx(q, mem));
         }
         // TX may have produced replies; an RX kick means new buffers.
-        used |= inner.dev.process_rx(&mut queues[RX_QUEUE], mem);
-        if used {
+        notify |= serve(&mut queues[RX_QUEUE], mem, |q| dev.process_rx(q, mem));
+        if notify {
             irq.signal_used();
         }
     }
@@ -108,10 +113,15 @@ impl VirtioDevice for VsockDevice {
             ("host_connects", m.host_connects),
             ("guest_connects", m.guest_connects),
             ("conns_open", m.conns_open),
+            ("handshakes", m.handshakes),
             ("bytes_to_guest", m.bytes_to_guest),
             ("bytes_to_host", m.bytes_to_host),
             ("rst_sent", m.rst_sent),
             ("bad_packets", m.bad_packets),
+            ("timeouts", m.timeouts),
+            ("accept_errors", m.accept_errors),
+            ("refused_at_cap", m.refused_at_cap),
+            ("max_conns", self.max_conns as u64),
         ]
     }
 }

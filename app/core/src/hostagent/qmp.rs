@@ -1,0 +1,127 @@
+//! A full host disk under QEMU.
+//!
+//! Berth's policy for `ENOSPC` on the data disk, under both drivers: the
+//! guest is never told of a write error the host caused; its disk I/O
+//! waits until there is room again, then carries on (nothing is lost).
+//! berth-vmm does this inside its virtio-blk (the request is retried).
+//! QEMU's default `werror=enospc` pauses the VM instead; this watcher
+//! follows QEMU's QMP events, reports the pause in `berth status`, and
+//! resumes the VM (`cont`) once the disk holding `data.img` has room.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::Shared;
+
+/// Free space on the host below which the VM is not resumed.
+const RESUME_FREE_BYTES: u64 = 64 << 20;
+/// How often free space is checked while the VM waits.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Longest QMP line taken from QEMU.
+const MAX_LINE: usize = 64 << 10;
+
+/// Free bytes on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = path.parent().unwrap_or(path);
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Follows QEMU's QMP socket until QEMU goes away.
+pub async fn watch(qmp: PathBuf, data_disk: PathBuf, shared: Arc<Shared>) {
+    let mut stream = None;
+    for _ in 0..100 {
+        if let Ok(s) = UnixStream::connect(&qmp).await {
+            stream = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(stream) = stream else {
+        tracing::warn!(
+            "QMP: cannot connect to {}; a full host disk will not be reported",
+            qmp.display()
+        );
+        return;
+    };
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r);
+    if w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut waiting_for_space = false;
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        tokio::select! {
+            n = read_line(&mut lines, &mut line) => {
+                if n == 0 {
+                    return;
+                }
+                let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                match msg["event"].as_str() {
+                    Some("BLOCK_IO_ERROR") if msg["data"]["nospace"].as_bool() == Some(true) => {
+                        if !waiting_for_space {
+                            let free = free_bytes(&data_disk).unwrap_or(0);
+                            let text = format!(
+                                "the host disk holding {} is full ({} MiB free): the VM is paused until there is room; free some space and it resumes by itself",
+                                data_disk.display(),
+                                free >> 20
+                            );
+                            tracing::error!("{text}");
+                            shared.update(|s| s.warning = Some(text));
+                        }
+                        waiting_for_space = true;
+                    }
+                    Some("RESUME") if waiting_for_space => {
+                        tracing::info!("the VM resumed: the host disk has room again");
+                        waiting_for_space = false;
+                        shared.update(|s| s.warning = None);
+                    }
+                    _ => {}
+                }
+            }
+            _ = tick.tick(), if waiting_for_space => {
+                if free_bytes(&data_disk).is_some_and(|f| f >= RESUME_FREE_BYTES)
+                    && w.write_all(b"{\"execute\":\"cont\"}\n").await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes (longer ones are cut);
+/// 0 at EOF.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, out: &mut Vec<u8>) -> usize {
+    loop {
+        let buf = match r.fill_buf().await {
+            Ok(b) => b,
+            Err(_) => return 0,
+        };
+        if buf.is_empty() {
+            return out.len();
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = MAX_LINE.saturating_sub(out.len());
+        out.extend_from_slice(&buf[..take.min(room)]);
+        r.consume(take);
+        if done {
+            return out.len().max(1);
+        }
+    }
+}
