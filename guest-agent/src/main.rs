@@ -89,6 +89,8 @@ async fn agent() {
     let cause = shared.shutdown_requested().await;
     tracing::info!("shutting down ({cause:?})");
     shutdown::run(&shared).await;
+    // The host learns how the shutdown went from these milestones.
+    events::flush(Duration::from_secs(2)).await;
 }
 
 async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {

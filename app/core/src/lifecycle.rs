@@ -61,12 +61,19 @@ pub async fn status(state: &StateDir) -> Result<Status, LifecycleError> {
         return Ok(s);
     }
     let cfg = Config::load(&state.config())?;
+    let base = Status::stopped(state, &cfg);
+    // A crash is an error to show until the next start.
+    let crashed = base
+        .last_stop
+        .as_ref()
+        .filter(|r| r.how == crate::status::StopHow::Crashed)
+        .map(|r| r.message.clone());
     Ok(Status {
         driver_reason: crate::driver::select(cfg.driver)
             .ok()
             .map(|s| format!("would use {}: {}", s.driver, s.reason)),
-        error: last_error(state),
-        ..Status::stopped(state, &cfg)
+        error: last_error(state).or(crashed),
+        ..base
     })
 }
 

@@ -4,5 +4,4 @@
 //! vhost-user transport that QEMU attaches to.
 
 pub mod legacy;
-pub mod ratelimit;
 pub mod virtio;

@@ -107,12 +107,15 @@ pub fn serve(events: &EventLoop, path: &Path, state: ApiState) -> std::io::Resul
         tokio::net::UnixListener::from_std(std_listener)?
     };
     events.runtime().spawn(async move {
+        let mut log = berth_limits::RateLimiter::default();
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of descriptors, most likely: let some close.
-                    tracing::warn!("control API: accept failed: {e}");
+                    if let Some(s) = log.hit() {
+                        tracing::warn!("control API: accept failed: {e}{s}");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }

@@ -107,6 +107,10 @@ fn boot_to_init(format: Format) {
     let scratch = Scratch::new(&format!("kvm-boot-{format:?}"));
     let console = scratch.0.join("console.log");
     let api_sock = scratch.0.join("vmm.sock");
+    // Every device berth-vmm has: root and data disks, vsock, rng, serial.
+    let data = scratch.0.join("data.img");
+    berth_testkit::sparse_disk(&data, 1 << 30);
+    let vsock = scratch.0.join("v.sock");
     let mut cmd = Command::new(bin);
     cmd.args([
         "run",
@@ -121,6 +125,10 @@ fn boot_to_init(format: Format) {
     .arg(&kernel)
     .arg("--rootfs")
     .arg(dir.join(berth_testkit::manifest(&dir).1))
+    .arg("--data-disk")
+    .arg(&data)
+    .arg("--vsock")
+    .arg(&vsock)
     .arg("--console-log")
     .arg(&console)
     .arg("--api-socket")
@@ -190,6 +198,13 @@ fn boot_to_init(format: Format) {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Resident memory with every device attached and idle (the guest is in
+    // init), apart from guest RAM itself.
+    let (total, guest) = resident_kib(child.id(), 512 << 20);
+    eprintln!(
+        "berth-vmm resident: {total} KiB, of which guest RAM {guest} KiB: {} KiB beyond guest memory",
+        total - guest
+    );
     let (code, metrics) = api(&api_sock, "GET", "/metrics");
     assert_eq!(code, 200);
     eprintln!("metrics: {metrics}");
@@ -229,6 +244,32 @@ fn boot_to_init(format: Format) {
         assert_eq!(status, Some(2), "exit code 2 = guest panic; stderr: {err}");
         assert!(err.contains("panicked"), "{err}");
     }
+}
+
+/// (resident KiB of the whole process, resident KiB of the mapping(s) of
+/// exactly `guest_bytes`, i.e. guest RAM), from /proc/<pid>/smaps.
+fn resident_kib(pid: u32, guest_bytes: u64) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut total, mut guest) = (0, 0);
+    let mut size_kib = 0;
+    for line in smaps.lines() {
+        let kib = |l: &str| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        if line.starts_with("Size:") {
+            size_kib = kib(line);
+        } else if line.starts_with("Rss:") {
+            let rss = kib(line);
+            total += rss;
+            if size_kib == guest_bytes >> 10 {
+                guest += rss;
+            }
+        }
+    }
+    (total, guest)
 }
 
 fn wait(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {

@@ -26,7 +26,9 @@ const MAX_LINE: usize = 64 << 10;
 
 /// Free bytes on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> Option<u64> {
-    let dir = path.parent().unwrap_or(path);
+    // data.img may be a link to another filesystem.
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let dir = real.parent().unwrap_or(&real);
     let st = nix::sys::statvfs::statvfs(dir).ok()?;
     Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }

@@ -41,6 +41,7 @@ pub struct VsockBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: bool,
     exit: (EventConsumer, EventNotifier),
+    notify_log: berth_limits::RateLimiter,
 }
 
 impl std::fmt::Debug for VsockBackend {
@@ -65,6 +66,7 @@ impl VsockBackend {
             event_idx: false,
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)
                 .map_err(VhostUserVsockError::EventFd)?,
+            notify_log: berth_limits::RateLimiter::default(),
         })
     }
 
@@ -86,7 +88,9 @@ impl VsockBackend {
         drop(state);
         if notify {
             if let Err(e) = vring.signal_used_queue() {
-                tracing::warn!("vsock: cannot notify the guest: {e}");
+                if let Some(s) = self.notify_log.hit() {
+                    tracing::warn!("vsock: cannot notify the guest: {e}{s}");
+                }
             }
         }
     }

@@ -45,10 +45,14 @@ pub const CONN_BUF: u32 = 256 * 1024;
 /// The most connections open at once; a process with fewer descriptors
 /// to spare gets a lower cap (see `berth_limits::fds::connection_cap`).
 pub const MAX_CONNS: usize = 4096;
-/// Queue size, the same for both transports.
-pub const QUEUE_SIZE: u16 = 256;
-/// The features the device offers, whatever the transport.
+/// Queue size, the same for both transports (QEMU's vhost-user front end
+/// asks for more than 256 entries).
+pub const QUEUE_SIZE: u16 = 1024;
+/// The features the device offers, whatever the transport. QEMU's
+/// vhost-user front end acks NOTIFY_ON_EMPTY (a legacy transport bit that
+/// means nothing to a modern driver), so it is offered too.
 pub const FEATURES: u64 = (1 << virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1)
+    | (1 << virtio_bindings::bindings::virtio_config::VIRTIO_F_NOTIFY_ON_EMPTY)
     | (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
     | (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
 
