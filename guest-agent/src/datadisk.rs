@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use berth_proto::DataDiskState;
 use nix::mount::{mount, MsFlags};
 
+use crate::console;
 use crate::process::{self, ProcessError};
 use crate::reaper::{Exit, Reaper};
 
@@ -120,7 +121,8 @@ pub async fn prepare(reaper: &Reaper, dev: &Path, fresh: bool) -> Result<DataDis
         return Ok(DataDiskState::Missing);
     }
     let devs = dev.to_string_lossy().into_owned();
-    let state = match classify(&read_head(dev)?) {
+    let head = read_head(dev)?;
+    let state = match classify(&head) {
         Content::Unknown => return Err(DiskError::Foreign(dev.to_owned())),
         Content::Blank if !fresh => return Err(DiskError::NotFresh(dev.to_owned())),
         Content::Blank => {
@@ -164,6 +166,7 @@ pub async fn prepare(reaper: &Reaper, dev: &Path, fresh: bool) -> Result<DataDis
                     ))
                 }
             }
+            grow_offline(reaper, dev, &head).await;
             DataDiskState::Mounted
         }
     };
@@ -177,26 +180,77 @@ pub async fn prepare(reaper: &Reaper, dev: &Path, fresh: bool) -> Result<DataDis
         Some(MOUNT_OPTIONS),
     )
     .map_err(|e| DiskError::Mount(dev.to_owned(), MOUNT_POINT.into(), e))?;
-    if state == DataDiskState::Mounted {
-        // The host grows data.img when `disk_gib` grows; ext4 follows
-        // online. A no-op when the sizes already match; a failure leaves
-        // the filesystem as it was, so it is only logged.
-        match process::run(reaper, "resize2fs", &[&devs]).await {
-            Ok(out) if out.exit.success() => {
-                if !out.text.contains("Nothing to do") {
-                    tracing::info!("resized {devs}: {}", out.text.trim());
-                }
-            }
-            Ok(out) => tracing::warn!(
-                "resize2fs {devs} failed ({}): {}",
-                out.exit,
-                out.text.trim()
-            ),
-            Err(e) => tracing::warn!("resize2fs {devs} could not run: {e}"),
-        }
-    }
     bind_dirs(Path::new(MOUNT_POINT))?;
     Ok(state)
+}
+
+/// The host grows data.img when `disk_gib` grows; ext4 follows, before it
+/// is mounted. Offline, not online: an online resize writes the mounted
+/// superblock (journal marked in use) into every backup superblock, and a
+/// later recovery from a backup (`e2fsck -b`) then replays a stale
+/// journal. A failure leaves the filesystem as it was, so it is only
+/// logged.
+async fn grow_offline(reaper: &Reaper, dev: &Path, head: &[u8]) {
+    let devs = dev.to_string_lossy().into_owned();
+    let (Some(fs), Ok(disk)) = (fs_bytes(head), device_bytes(dev)) else {
+        return;
+    };
+    if disk <= fs + (1 << 20) {
+        return;
+    }
+    tracing::info!(
+        "{devs} grew from {} to {} MiB: resizing ext4",
+        fs >> 20,
+        disk >> 20
+    );
+    // resize2fs wants a freshly checked filesystem.
+    for (program, args) in [
+        ("e2fsck", &["-f", "-p", devs.as_str()][..]),
+        ("resize2fs", &[devs.as_str()][..]),
+    ] {
+        match process::run(reaper, program, args).await {
+            Ok(out)
+                if out.exit == Exit::Code(0)
+                    || (program == "e2fsck" && out.exit == Exit::Code(1)) => {}
+            Ok(out) => {
+                tracing::warn!(
+                    "{program} {devs} failed ({}): {}",
+                    out.exit,
+                    out.text.trim()
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("{program} {devs} could not run: {e}");
+                return;
+            }
+        }
+    }
+    console::milestone("data-disk-resized", &[("mib", &(disk >> 20).to_string())]);
+}
+
+/// The filesystem's size in bytes, from the ext4 superblock in `head`.
+pub fn fs_bytes(head: &[u8]) -> Option<u64> {
+    let sb = head.get(1024..1024 + 0x154)?;
+    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    let log = u32_at(24);
+    if log > 6 {
+        return None;
+    }
+    let incompat_64bit = u32_at(0x60) & 0x80 != 0;
+    let hi = if incompat_64bit {
+        u32_at(0x150) as u64
+    } else {
+        0
+    };
+    let blocks = (hi << 32) | u32_at(4) as u64;
+    blocks.checked_mul(1024u64 << log)
+}
+
+/// A block device's (or file's) size in bytes.
+fn device_bytes(dev: &Path) -> std::io::Result<u64> {
+    use std::io::Seek;
+    fs::File::open(dev)?.seek(std::io::SeekFrom::End(0))
 }
 
 /// Without a data disk, Docker still runs, on a tmpfs.
@@ -272,7 +326,11 @@ mod tests {
             .arg(&img)
             .status();
         match status {
-            Ok(s) if s.success() => assert_eq!(classify(&read_head(&img).unwrap()), Content::Ext4),
+            Ok(s) if s.success() => {
+                let head = read_head(&img).unwrap();
+                assert_eq!(classify(&head), Content::Ext4);
+                assert_eq!(fs_bytes(&head), Some(8 << 20));
+            }
             _ => eprintln!(
                 "SKIPPED part of classifies_a_real_mkfs_image: mkfs.ext4 not runnable here"
             ),

@@ -24,6 +24,10 @@ pub const CASES: &[Case] = &[
         stop_stubborn_container,
     ),
     (
+        "fault_stop_waits_for_killed_processes",
+        stop_waits_for_killed,
+    ),
+    (
         "fault_stop_force_is_reported_as_forced",
         stop_force_reported,
     ),
@@ -344,6 +348,33 @@ fn stop_stubborn_container(ctx: &Ctx) {
     fsck_clean(&ctx.state.join("data.img"));
     ensure_running(ctx);
     ctx.docker_ok(&["rm", "e2e-stubborn", "e2e-polite"]);
+}
+
+/// A process outside Docker that ignores SIGTERM and holds a file open on
+/// the data disk: the agent SIGKILLs it and must wait until it has gone
+/// before unmounting (unmounting right after the kill fails with EBUSY).
+fn stop_waits_for_killed(ctx: &Ctx) {
+    ensure_running(ctx);
+    ctx.berth_ok(&[
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "setsid sh -c 'trap \"\" TERM; exec 3>>/var/lib/docker/e2e-hold; exec sleep 100000' </dev/null >/dev/null 2>&1 &",
+    ]);
+    let held = ctx.berth_ok(&[
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "ls -l /proc/*/fd 2>/dev/null | grep -c e2e-hold",
+    ]);
+    assert_ne!(held.trim(), "0", "the holder runs");
+    let out = ctx.berth_ok(&["stop"]);
+    println!("    {}", out.trim());
+    assert!(out.contains("data disk unmounted cleanly"), "{out}");
+    fsck_clean(&ctx.state.join("data.img"));
+    ensure_running(ctx);
 }
 
 /// `berth stop --force` that has to kill: its own exit code and message.
