@@ -163,38 +163,64 @@ pub(crate) fn others_alive() -> bool {
         let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
             return false;
         };
-        // Kernel threads have an empty cmdline.
-        pid != 1 && std::fs::read(e.path().join("cmdline")).is_ok_and(|c| !c.is_empty())
+        pid != 1
+            && std::fs::read_to_string(e.path().join("stat"))
+                .is_ok_and(|stat| holds_resources(&stat))
     })
 }
 
-/// Unmounts everything on the data disk, deepest first; if something stays
-/// busy, remounts the disk read-only, which also flushes its journal.
+/// Whether a process, by its `/proc/<pid>/stat` line, may still hold
+/// files: not a kernel thread, not a zombie. A dying process's cmdline
+/// reads empty as soon as its memory is detached, while it still holds
+/// its files until its memory is torn down: only a zombie has let go.
+fn holds_resources(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state (field 3), …, flags (field 9).
+    let state = fields.first().copied().unwrap_or("X");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    flags & PF_KTHREAD == 0 && state != "Z" && state != "X"
+}
+
+/// Unmounts everything on the data disk, deepest first and its own mount
+/// point last; if something stays busy, remounts the filesystem read-only
+/// through a mount that is still there, which also flushes its journal.
 fn unmount_data() {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let mut targets = mounts_under(&mounts, &data_roots());
-    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    let mut all_ok = true;
+    targets.sort_by_key(|t| (t == datadisk::MOUNT_POINT, std::cmp::Reverse(t.len())));
+    let mut busy = Vec::new();
     for t in &targets {
         if let Err(e) = umount2(t.as_str(), MntFlags::empty()) {
             tracing::warn!("unmounting {t} failed: {e}");
-            all_ok = false;
+            busy.push(t.clone());
         }
     }
-    if !all_ok {
-        let r = mount(
+    if busy.is_empty() {
+        console::milestone("data-disk-unmounted", &[]);
+        return;
+    }
+    let mut last = None;
+    for t in &busy {
+        match mount(
             None::<&str>,
-            datadisk::MOUNT_POINT,
+            t.as_str(),
             None::<&str>,
             MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
             None::<&str>,
-        );
-        match r {
-            Ok(()) => console::milestone("data-disk-readonly", &[]),
-            Err(e) => tracing::error!("data disk still busy and not remountable read-only: {e}"),
+        ) {
+            Ok(()) => {
+                console::milestone("data-disk-readonly", &[]);
+                return;
+            }
+            Err(e) => last = Some(e),
         }
-    } else {
-        console::milestone("data-disk-unmounted", &[]);
+    }
+    if let Some(e) = last {
+        tracing::error!("data disk still busy and not remountable read-only: {e}");
     }
 }
 
@@ -243,6 +269,22 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dying_processes_count_until_they_are_zombies() {
+        // pid (comm) state ppid pgrp session tty tpgid flags …
+        let running = "42 (perl) S 1 42 42 0 -1 4194560 0 0";
+        let dying = "42 (perl) R 1 42 42 0 -1 4194564 0 0";
+        let zombie = "42 (perl) Z 1 42 42 0 -1 4227332 0 0";
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0";
+        let odd_name = "43 (a) b (c) S 1 43 43 0 -1 4194560 0 0";
+        assert!(holds_resources(running));
+        assert!(holds_resources(dying));
+        assert!(!holds_resources(zombie));
+        assert!(!holds_resources(kthread));
+        assert!(holds_resources(odd_name));
+        assert!(!holds_resources("garbage"));
+    }
 
     #[test]
     fn finds_mounts_below_roots() {

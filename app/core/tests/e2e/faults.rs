@@ -355,21 +355,27 @@ fn stop_stubborn_container(ctx: &Ctx) {
 /// before unmounting (unmounting right after the kill fails with EBUSY).
 fn stop_waits_for_killed(ctx: &Ctx) {
     ensure_running(ctx);
+    // perl (perl-base is in the image) ignores SIGTERM, opens a file on the
+    // data disk and touches 400 MB: a process's memory is torn down before
+    // its files are closed, so it keeps the file open for a while after
+    // SIGKILL, which is the window the unmount must not fall into.
     ctx.berth_ok(&[
         "shell",
         "--",
         "sh",
         "-c",
-        "setsid sh -c 'trap \"\" TERM; exec 3>>/var/lib/docker/e2e-hold; exec sleep 100000' </dev/null >/dev/null 2>&1 &",
+        "setsid perl -e '$SIG{TERM} = \"IGNORE\"; open(my $f, \">>\", \"/var/lib/docker/e2e-hold\") or die; my $x = \"a\" x 400_000_000; sleep 100000' </dev/null >/dev/null 2>&1 &",
     ]);
-    let held = ctx.berth_ok(&[
-        "shell",
-        "--",
-        "sh",
-        "-c",
-        "ls -l /proc/*/fd 2>/dev/null | grep -c e2e-hold",
-    ]);
-    assert_ne!(held.trim(), "0", "the holder runs");
+    eventually("the holder runs", Duration::from_secs(60), || {
+        let held = ctx.berth_ok(&[
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "ls -l /proc/*/fd 2>/dev/null | grep -c e2e-hold || true",
+        ]);
+        held.trim() != "0"
+    });
     let out = ctx.berth_ok(&["stop"]);
     println!("    {}", out.trim());
     assert!(out.contains("data disk unmounted cleanly"), "{out}");
