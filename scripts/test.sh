@@ -8,8 +8,8 @@ ensure_host_packages
 ensure_docker_cli
 say "cargo fmt --check"
 cargo fmt --all -- --check
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --quiet --all-targets -- -D warnings
+say "cargo clippy --all-targets --all-features -- -D warnings"
+cargo clippy --quiet --all-targets --all-features -- -D warnings
 say "guest image"
 IMAGE_DIR=$(guest-image/build.sh)
 say "cargo test (end-to-end tests boot the guest under QEMU)"

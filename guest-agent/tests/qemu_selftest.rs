@@ -247,17 +247,19 @@ fn guest_image_under_qemu() {
     // path (test mode, inert otherwise), ends the VM at once through the
     // safety net: no kernel panic, the disks synced, and the next boot
     // mounts the data disk.
-    for (name, path) in [("boot6", "task"), ("boot7", "main")] {
-        let cmdline = format!("berth.test.panic={path}");
-        let mut g = Guest::boot(Boot {
+    let boot_on_data = |name: &str, extra_cmdline: &str| {
+        Guest::boot(Boot {
             dir: &dir,
             work,
             data_disk: Some(&data),
             extra_disk: None,
-            extra_cmdline: &cmdline,
+            extra_cmdline,
             name,
             vhost_user_vsock: None,
-        });
+        })
+    };
+    for (name, path) in [("boot6", "task"), ("boot7", "main")] {
+        let mut g = boot_on_data(name, &format!("berth.test.panic={path}"));
         g.wait_for("berth-agent: test-panic", BOOT);
         assert_eq!(
             g.wait_exit(BOOT),
@@ -275,15 +277,7 @@ fn guest_image_under_qemu() {
             g.tail(30)
         );
     }
-    let mut g = Guest::boot(Boot {
-        dir: &dir,
-        work,
-        data_disk: Some(&data),
-        extra_disk: None,
-        extra_cmdline: "berth.selftest=none",
-        name: "boot8",
-        vhost_user_vsock: None,
-    });
+    let mut g = boot_on_data("boot8", "berth.selftest=none");
     assert_eq!(g.wait_exit(BOOT), 0);
     let console = g.console();
     assert!(

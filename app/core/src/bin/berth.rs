@@ -137,6 +137,15 @@ fn host_agent(state_dir: PathBuf, image_dir: PathBuf) -> ExitCode {
     let _ = nix::unistd::setsid();
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let state = StateDir::at(state_dir);
+    // The lock first: a second host agent says so on its own stderr and
+    // never touches the running one's log.
+    let lock = match berth_core::hostagent::lock_for_host_agent(&state) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("berth host agent: error: {e:#}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
     // Everything this process and its children print goes to
     // host-agent.log, capped and rotated.
     let log_max = Config::load(&state.config())
@@ -173,7 +182,7 @@ fn host_agent(state_dir: PathBuf, image_dir: PathBuf) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start: {e}")),
     };
-    let code = match rt.block_on(berth_core::hostagent::run(state, image_dir)) {
+    let code = match rt.block_on(berth_core::hostagent::run(state, image_dir, lock)) {
         Ok(()) => {
             eprintln!("berth host agent: stopped");
             ExitCode::SUCCESS

@@ -169,14 +169,21 @@ fn prepare_data_disk(path: &Path, fresh: &Path, gib: u64) -> anyhow::Result<bool
 }
 
 /// Runs the host agent for the VM in `state` until the VM ends.
-pub async fn run(state: StateDir, image_dir: PathBuf) -> anyhow::Result<()> {
+/// Takes the state directory's lock for a host agent, or says who holds it.
+pub fn lock_for_host_agent(state: &StateDir) -> anyhow::Result<Flock<File>> {
     state.create()?;
-    let Some(mut lock) = try_lock(&state)? else {
-        bail!(
+    match try_lock(state)? {
+        Some(lock) => Ok(lock),
+        None => bail!(
             "another Berth host agent holds {} (the VM is running or starting)",
             state.lock().display()
-        );
-    };
+        ),
+    }
+}
+
+/// Runs the host agent for the VM in `state`, whose lock it holds
+/// ([`lock_for_host_agent`]), until the VM ends.
+pub async fn run(state: StateDir, image_dir: PathBuf, mut lock: Flock<File>) -> anyhow::Result<()> {
     let _ = lock.set_len(0);
     let _ = writeln!(&mut *lock, "{}", std::process::id());
 
@@ -231,6 +238,15 @@ pub async fn run(state: StateDir, image_dir: PathBuf) -> anyhow::Result<()> {
     let _ = lock.set_len(0);
     drop(lock);
     result.map(|_| ())
+}
+
+/// A task that ends with the scope that started it, however it is left.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Writes the VM's process ids, for [`end_orphans`].
@@ -307,7 +323,10 @@ async fn lifecycle(
     let milestones = Arc::new(events::Milestones::default());
     let events_listener = UnixListener::bind(state.events_sock())
         .with_context(|| format!("listening on {}", state.events_sock().display()))?;
-    let events_task = tokio::spawn(events::serve(events_listener, milestones.clone()));
+    let _events_task = AbortOnDrop(tokio::spawn(events::serve(
+        events_listener,
+        milestones.clone(),
+    )));
     let spec = MachineSpec {
         image,
         state: state.clone(),
@@ -323,12 +342,18 @@ async fn lifecycle(
     shared.update(|s| s.pid = machine.pid());
     record_pids(state, &machine.pids());
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
-    let qmp_task = matches!(driver, Driver::Qemu(_)).then(|| {
-        tokio::spawn(qmp::watch(
+    // A full host disk makes the guest's writes wait (see qmp.rs): say so.
+    let _disk_watch = AbortOnDrop(match driver {
+        Driver::Qemu(_) => tokio::spawn(qmp::watch(
             state.qmp_sock(),
             state.data_disk(),
             shared.clone(),
-        ))
+        )),
+        Driver::Vmm => tokio::spawn(qmp::watch_vmm(
+            state.vmm_sock(),
+            state.data_disk(),
+            shared.clone(),
+        )),
     });
 
     let outcome = tokio::select! {
@@ -397,10 +422,6 @@ async fn lifecycle(
     if let Some(f) = forwarder {
         f.abort();
     }
-    if let Some(q) = qmp_task {
-        q.abort();
-    }
-    events_task.abort();
     machine.stop_helpers().await;
     Ok(report)
 }

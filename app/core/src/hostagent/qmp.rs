@@ -7,6 +7,8 @@
 //! QEMU's default `werror=enospc` pauses the VM instead; this watcher
 //! follows QEMU's QMP events, reports the pause in `berth status`, and
 //! resumes the VM (`cont`) once the disk holding `data.img` has room.
+//! Under berth-vmm, [`watch_vmm`] reads the same condition from its
+//! `/metrics` (a virtio-blk device `stalled`) and reports it the same way.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,5 +127,58 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, out: &mut Vec<
         if done {
             return out.len().max(1);
         }
+    }
+}
+
+/// How often berth-vmm's metrics are read for a stalled disk.
+const VMM_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether berth-vmm's `/metrics` show a disk waiting for host space.
+pub fn vmm_disk_stalled(metrics: &serde_json::Value) -> bool {
+    metrics["virtio"]
+        .as_array()
+        .is_some_and(|devs| devs.iter().any(|d| d["stalled"].as_u64() == Some(1)))
+}
+
+/// Follows berth-vmm's metrics until the task is dropped.
+pub async fn watch_vmm(api: PathBuf, data_disk: PathBuf, shared: Arc<Shared>) {
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(VMM_CHECK_EVERY).await;
+        let Ok((_, m)) =
+            crate::http::request_json(&api, hyper::Method::GET, "/metrics", None).await
+        else {
+            continue;
+        };
+        let stalled = vmm_disk_stalled(&m);
+        if stalled && !warned {
+            let free = free_bytes(&data_disk).unwrap_or(0);
+            let text = format!(
+                "the host disk holding {} is full ({} MiB free): the VM's disk writes wait until there is room; free some space and they continue by themselves",
+                data_disk.display(),
+                free >> 20
+            );
+            tracing::error!("{text}");
+            shared.update(|s| s.warning = Some(text));
+        } else if !stalled && warned {
+            tracing::info!("the host disk has room again");
+            shared.update(|s| s.warning = None);
+        }
+        warned = stalled;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_disk_is_seen_in_the_metrics() {
+        let m =
+            serde_json::json!({"virtio": [{"slot": 0, "stalled": 0}, {"slot": 1, "stalled": 1}]});
+        assert!(vmm_disk_stalled(&m));
+        let m = serde_json::json!({"virtio": [{"slot": 0, "stalled": 0}, {"slot": 2, "reads": 4}]});
+        assert!(!vmm_disk_stalled(&m));
+        assert!(!vmm_disk_stalled(&serde_json::json!({})));
     }
 }

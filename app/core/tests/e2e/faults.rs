@@ -216,6 +216,15 @@ fn fd_limit_sizes_caps(ctx: &Ctx) {
     });
     assert!(ping(ctx).ends_with("OK"), "all connections work again");
     ctx.docker_ok(&["version"]);
+    let (a0, b0) = (cpu_seconds(agent), cpu_seconds(backend));
+    std::thread::sleep(Duration::from_secs(3));
+    let (a1, b1) = (cpu_seconds(agent), cpu_seconds(backend));
+    assert!(
+        a1 - a0 < 0.3 && b1 - b0 < 0.3,
+        "idle afterwards: {} {}",
+        a1 - a0,
+        b1 - b0
+    );
     // Back to the normal limit for the cases after this one.
     ctx.berth_ok(&["restart"]);
 }

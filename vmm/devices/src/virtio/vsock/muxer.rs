@@ -828,17 +828,24 @@ pub fn parse_connect(line: &[u8]) -> Option<u32> {
     port.parse().ok()
 }
 
-/// Binds the host socket with a deep backlog (the standard library's is
-/// 128), non-blocking.
-fn listen(path: &Path) -> std::io::Result<UnixListener> {
-    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-    let fd: OwnedFd = socket::socket(
+/// A non-blocking, close-on-exec unix stream socket and `path`'s address.
+fn unix_socket(path: &Path) -> std::io::Result<(OwnedFd, nix::sys::socket::UnixAddr)> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok((fd, UnixAddr::new(path)?))
+}
+
+/// Binds the host socket with a deep backlog (the standard library's is
+/// 128), non-blocking.
+fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use nix::sys::socket::{self, Backlog};
+    let (fd, addr) = unix_socket(path)?;
+    socket::bind(fd.as_raw_fd(), &addr)?;
     socket::listen(&fd, Backlog::new(BACKLOG)?)?;
     Ok(UnixListener::from(fd))
 }
@@ -847,14 +854,8 @@ fn listen(path: &Path) -> std::io::Result<UnixListener> {
 /// full fails with `WouldBlock` instead of stalling the device.
 fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     use nix::errno::Errno;
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd: OwnedFd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+    let (fd, addr) = unix_socket(path)?;
+    match nix::sys::socket::connect(fd.as_raw_fd(), &addr) {
         Ok(()) => Ok(UnixStream::from(fd)),
         // Linux says EAGAIN for a full backlog; other systems may say the
         // connect is in progress. Either way: not now.
