@@ -46,7 +46,8 @@ fn boot_to_docker_ready() {
             work: &scratch.0,
             data_disk: Some(&data),
             extra_disk: None,
-            extra_cmdline: "",
+            // The first boot's disk is new, as the host agent would say.
+            extra_cmdline: if i == 0 { "berth.data_fresh=1" } else { "" },
             name: &format!("bench{i}"),
             vhost_user_vsock: None,
         });

@@ -151,7 +151,8 @@ fn guest_image_with_our_vhost_user_vsock() {
         work,
         data_disk: Some(&data),
         extra_disk: None,
-        extra_cmdline: "berth.echo=1",
+        // A new, blank data disk: the host says so.
+        extra_cmdline: "berth.echo=1 berth.data_fresh=1",
         name: "vsock",
         vhost_user_vsock: Some(&vu),
     });
