@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use berth_proto::NetConfig;
+
 /// What the agent reads from `/proc/cmdline`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -20,6 +22,9 @@ pub struct Settings {
     /// Test mode (`berth.test.panic=main|task`): once Docker is ready the
     /// agent panics on that path, to prove the safety net. Off unless asked.
     pub test_panic: Option<PanicPath>,
+    /// The guest's network (`berth.ip=`, `berth.gw=`, `berth.mtu=`,
+    /// `berth.ip6=`, `berth.gw6=`); without it only `lo` comes up.
+    pub net: Option<NetConfig>,
 }
 
 /// Where a test-mode panic happens.
@@ -48,6 +53,7 @@ impl Default for Settings {
             echo: false,
             data_fresh: false,
             test_panic: None,
+            net: None,
         }
     }
 }
@@ -55,7 +61,10 @@ impl Default for Settings {
 /// Parses a kernel command line. Unknown words are ignored (they belong to
 /// the kernel); malformed `berth.*` values fall back to the default.
 pub fn parse(cmdline: &str) -> Settings {
-    let mut s = Settings::default();
+    let mut s = Settings {
+        net: NetConfig::from_cmdline(cmdline),
+        ..Settings::default()
+    };
     for word in cmdline.split_ascii_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
             continue;

@@ -47,6 +47,10 @@ where
                     return;
                 }
             }
+            Handled::WatchPorts => {
+                watch_ports(stream, &shared).await;
+                return;
+            }
             Handled::Exec(mut session) => {
                 if write_frame(&mut stream, &Response::Ok).await.is_err() {
                     session.kill().await;
@@ -66,6 +70,33 @@ pub enum Handled {
     Reply(Response),
     /// A started process that takes over the connection.
     Exec(exec::Session),
+    /// The connection now carries the published ports and their changes.
+    WatchPorts,
+}
+
+/// Sends the published ports now and after every change, until the peer
+/// goes away.
+async fn watch_ports<S>(mut stream: S, shared: &Shared)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut rx = shared.ports.watch();
+    loop {
+        let ports = rx.borrow_and_update().clone();
+        if write_frame(&mut stream, &Response::Ports { ports })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            // The host sends nothing more: a read returning means it left.
+            _ = stream.read(&mut byte) => return,
+        }
+    }
 }
 
 /// Carries out one request.
@@ -106,6 +137,7 @@ pub fn handle(req: Request, shared: &Shared, reaper: &Reaper, kernel_release: &s
             shared.request_shutdown(ShutdownCause::Request);
             Response::Ok
         }
+        Request::WatchPorts => return Handled::WatchPorts,
         Request::Exec(req) => match exec::start(reaper, req) {
             Ok(session) => return Handled::Exec(session),
             Err(e) => {

@@ -38,8 +38,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.trac
 }
 
 /// dockerd's daemon.json.
-pub fn dockerd_config() -> serde_json::Value {
-    serde_json::json!({
+pub fn dockerd_config(net: Option<&berth_proto::NetConfig>) -> serde_json::Value {
+    let mut c = serde_json::json!({
         "hosts": [format!("unix://{DOCKER_SOCKET}")],
         "containerd": CONTAINERD_SOCKET,
         "data-root": "/var/lib/docker",
@@ -51,13 +51,19 @@ pub fn dockerd_config() -> serde_json::Value {
         "ip6tables": false,
         "features": { "buildkit": true },
         "builder": { "gc": { "enabled": true, "defaultKeepStorage": "20GB" } },
-    })
+    });
+    // `--add-host x:host-gateway` names the router, which passt maps to
+    // the host's loopback, as host.docker.internal does.
+    if let Some(n) = net {
+        c["host-gateway-ip"] = n.gateway4.to_string().into();
+    }
+    c
 }
 
 /// Writes both daemons' configuration files.
-pub fn write_configs() -> std::io::Result<()> {
+pub fn write_configs(net: Option<&berth_proto::NetConfig>) -> std::io::Result<()> {
     std::fs::write(CONTAINERD_CONFIG, containerd_config())?;
-    let json = serde_json::to_vec_pretty(&dockerd_config()).map_err(std::io::Error::other)?;
+    let json = serde_json::to_vec_pretty(&dockerd_config(net)).map_err(std::io::Error::other)?;
     std::fs::write(DOCKERD_CONFIG, json)
 }
 
@@ -257,8 +263,11 @@ mod tests {
         let c = containerd_config();
         assert!(c.contains("io.containerd.grpc.v1.cri"));
         assert!(c.contains(CONTAINERD_SOCKET));
-        let d = dockerd_config();
+        let d = dockerd_config(None);
         assert_eq!(d["containerd"], CONTAINERD_SOCKET);
         assert_eq!(d["hosts"][0], "unix:///var/run/docker.sock");
+        assert!(d.get("host-gateway-ip").is_none());
+        let n = berth_proto::NetConfig::berth_default(false);
+        assert_eq!(dockerd_config(Some(&n))["host-gateway-ip"], "192.168.127.1");
     }
 }

@@ -11,11 +11,14 @@ mod console;
 mod control;
 mod daemons;
 mod datadisk;
+mod dns;
 mod docker_api;
 mod events;
 mod exec;
 mod fatal;
 mod init;
+mod net;
+mod ports;
 mod process;
 mod reaper;
 mod selftest;
@@ -108,13 +111,15 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         kernel.clone(),
         settings.echo,
     );
+    ports::serve(shared.ports.clone());
     init::set_hostname(&settings.hostname)?;
-    let lo = tokio::spawn({
+    let network = tokio::spawn({
         let reaper = reaper.clone();
-        async move { process::run(&reaper, "ip", &["link", "set", "lo", "up"]).await }
+        let net = settings.net.clone();
+        async move { net::setup(&reaper, net.as_ref()).await }
     });
     init::setup_cgroups().context("setting up cgroup v2")?;
-    daemons::write_configs().context("writing daemon configuration")?;
+    daemons::write_configs(settings.net.as_ref()).context("writing daemon configuration")?;
 
     let disk = match datadisk::prepare(&reaper, &settings.data_disk, settings.data_fresh).await {
         Ok(state) => state,
@@ -127,6 +132,21 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
     shared.update(|s| s.data_disk = disk);
     console::milestone("data-disk", &[("state", disk_word(disk))]);
 
+    // dockerd starts with the network in place (its bridge avoids eth0's
+    // subnet; containers copy its resolver).
+    match network.await {
+        Ok(Ok(())) => {
+            if let Some(n) = &settings.net {
+                console::milestone("network", &[("ip", &n.ipv4.to_string())]);
+                if let Err(e) = dns::start(n.ipv4.into()).await {
+                    tracing::warn!("the DNS relay cannot listen: {e}");
+                }
+            }
+        }
+        Ok(Err(e)) => tracing::warn!("bringing up the network failed: {e:#}"),
+        Err(e) => tracing::warn!("bringing up the network failed: {e}"),
+    }
+
     shared.update(|s| s.phase = Phase::StartingDocker);
     let agent_start = console::uptime_ms();
     // dockerd waits for containerd's socket by itself, so both start now.
@@ -135,12 +155,6 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         daemons::containerd_spec(),
     ));
     shared.add_daemon(Supervised::start(reaper.clone(), daemons::dockerd_spec()));
-    match lo.await {
-        Ok(Ok(out)) if out.exit.success() => {}
-        Ok(Ok(out)) => tracing::warn!("bringing up lo failed ({}): {}", out.exit, out.text.trim()),
-        Ok(Err(e)) => tracing::warn!("bringing up lo failed: {e}"),
-        Err(e) => tracing::warn!("bringing up lo failed: {e}"),
-    }
     wait_docker_ready(&shared).await;
     let now = console::uptime_ms();
     shared.update(|s| {
@@ -151,6 +165,8 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         "docker-ready",
         &[("since_daemons_ms", &(now - agent_start).to_string())],
     );
+    let table = shared.ports.clone();
+    fatal::spawn_essential("ports", move || ports::follow(table.clone()));
 
     if let Some(path) = settings.test_panic {
         test_panic(path);

@@ -23,6 +23,8 @@ pub struct Shared {
     shutdown: Notify,
     cause: Mutex<Option<ShutdownCause>>,
     daemons: Mutex<Vec<Supervised>>,
+    /// Published ports, for `watch_ports` and forwarded connections.
+    pub ports: Arc<crate::ports::Table>,
 }
 
 impl Shared {
@@ -40,6 +42,7 @@ impl Shared {
             shutdown: Notify::new(),
             cause: Mutex::new(None),
             daemons: Mutex::new(Vec::new()),
+            ports: crate::ports::Table::new(),
         })
     }
 

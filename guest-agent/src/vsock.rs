@@ -16,7 +16,7 @@ use crate::daemons::DOCKER_SOCKET;
 const BACKLOG: i32 = 1024;
 
 /// Binds `port` on any CID with a deep backlog.
-fn listen(port: u32) -> std::io::Result<VsockListener> {
+pub(crate) fn listen(port: u32) -> std::io::Result<VsockListener> {
     use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType};
     use std::os::fd::AsRawFd;
     let fd = socket::socket(
@@ -106,7 +106,7 @@ fn start_echo() {
 }
 
 /// Accept errors are mostly fd exhaustion: back off instead of spinning.
-async fn accept_failed(port: u32, e: std::io::Error) {
+pub(crate) async fn accept_failed(port: u32, e: std::io::Error) {
     tracing::warn!("accept on vsock port {port} failed: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }

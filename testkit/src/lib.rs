@@ -354,3 +354,21 @@ impl Drop for Scratch {
         }
     }
 }
+
+/// Static network helpers for containers built from [`busybox_rootfs_tar`]
+/// (whose nc has no UDP and forks per connection): `nettool echo PORT`
+/// (UDP echo), `nettool send HOST PORT MSG` (one UDP exchange), `nettool
+/// tcpecho PORT` (TCP echo without forking). Compiled with the host's C
+/// compiler into `work`.
+pub fn nettool(work: &Path) -> PathBuf {
+    let out = work.join("nettool");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/tools/nettool.c");
+    let st = Command::new("cc")
+        .args(["-static", "-O2", "-w", "-o"])
+        .arg(&out)
+        .arg(src)
+        .status()
+        .expect("a C compiler (cc) is needed: apt-get install build-essential");
+    assert!(st.success(), "compiling {src} failed");
+    out
+}

@@ -32,7 +32,7 @@ pub enum ConfigError {
 
 /// Names `berth config get|set` accepts.
 pub const KEYS: &str =
-    "cpus, memory_mib, disk_gib, cmdline_extra, driver, switch_docker_context, log_max_mib";
+    "cpus, memory_mib, disk_gib, cmdline_extra, driver, switch_docker_context, log_max_mib, dns_servers";
 
 /// Settings of one VM. Every field has a default, so a missing or partial
 /// file is fine.
@@ -55,6 +55,26 @@ pub struct Config {
     /// `console.log` and `host-agent.log` are each rotated to `<name>.1`
     /// when they reach this size, so at most twice this is kept of each.
     pub log_max_mib: u64,
+    /// Nameservers that answer the guest's DNS queries (`IP` or
+    /// `IP:port`), instead of the host's own from `/etc/resolv.conf`.
+    pub dns_servers: Vec<String>,
+}
+
+/// A nameserver setting: `IP` (port 53) or `IP:port`, `[v6]:port`.
+pub fn parse_dns_server(s: &str) -> Option<std::net::SocketAddr> {
+    s.parse::<std::net::SocketAddr>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(|ip| (ip, 53).into()))
+}
+
+impl Config {
+    /// The configured nameservers (validated on load).
+    pub fn dns_server_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.dns_servers
+            .iter()
+            .filter_map(|s| parse_dns_server(s))
+            .collect()
+    }
 }
 
 impl Default for Config {
@@ -67,6 +87,7 @@ impl Default for Config {
             driver: DriverChoice::Auto,
             switch_docker_context: true,
             log_max_mib: 8,
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -147,6 +168,22 @@ impl Config {
                 message: format!("{} MiB is out of range 1..=1024", self.log_max_mib),
             });
         }
+        if self.dns_servers.len() > 8 {
+            return Err(ConfigError::Invalid {
+                key: "dns_servers",
+                message: "at most 8 servers".into(),
+            });
+        }
+        if let Some(bad) = self
+            .dns_servers
+            .iter()
+            .find(|s| parse_dns_server(s).is_none())
+        {
+            return Err(ConfigError::Invalid {
+                key: "dns_servers",
+                message: format!("{bad:?} is not an IP address or IP:port"),
+            });
+        }
         if self.cmdline_extra.len() > 1024
             || self
                 .cmdline_extra
@@ -170,6 +207,7 @@ impl Config {
             "driver" => self.driver.to_string(),
             "switch_docker_context" => self.switch_docker_context.to_string(),
             "log_max_mib" => self.log_max_mib.to_string(),
+            "dns_servers" => self.dns_servers.join(","),
             other => return Err(ConfigError::UnknownKey(other.to_owned())),
         })
     }
@@ -227,6 +265,14 @@ impl Config {
                 })?;
                 Applies::NextStart
             }
+            "dns_servers" => {
+                next.dns_servers = value
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                Applies::NextStart
+            }
             "switch_docker_context" => {
                 next.switch_docker_context =
                     value.trim().parse().map_err(|_| ConfigError::Invalid {
@@ -261,6 +307,15 @@ mod tests {
         let mut c = Config::default();
         assert_eq!(c.set("cpus", "1", None).unwrap(), Applies::NextStart);
         assert_eq!(c.set("driver", "qemu", None).unwrap(), Applies::NextStart);
+        c.set("dns_servers", "127.0.0.1:5300, ::1", None).unwrap();
+        assert_eq!(c.get("dns_servers").unwrap(), "127.0.0.1:5300,::1");
+        assert_eq!(
+            c.dns_server_addrs(),
+            vec![
+                "127.0.0.1:5300".parse::<std::net::SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
         c.save(&p).unwrap();
         assert_eq!(Config::load(&p).unwrap(), c);
         std::fs::write(&p, "cpus = 2\nmemory_mib = 1024\n").unwrap();
@@ -284,6 +339,7 @@ mod tests {
             ("cmdline_extra", "a\nb"),
             ("driver", "vbox"),
             ("switch_docker_context", "maybe"),
+            ("dns_servers", "8.8.8.8,dns.example"),
         ] {
             assert!(c.set(k, v, None).is_err(), "{k}={v}");
         }

@@ -23,6 +23,23 @@ pub enum GuestError {
     Unexpected(Box<Response>),
 }
 
+/// The guest's published ports, as they change.
+#[derive(Debug)]
+pub struct PortsWatch {
+    stream: UnixStream,
+}
+
+impl PortsWatch {
+    /// The next full list (the first arrives at once). Not cancel-safe.
+    pub async fn next(&mut self) -> Result<Vec<berth_proto::PublishedPort>, GuestError> {
+        match read_frame(&mut self.stream).await? {
+            Response::Ports { ports } => Ok(ports),
+            Response::Error { code, message } => Err(GuestError::Refused { code, message }),
+            other => Err(GuestError::Unexpected(Box::new(other))),
+        }
+    }
+}
+
 /// An open control connection.
 #[derive(Debug)]
 pub struct GuestClient {
@@ -87,6 +104,14 @@ impl GuestClient {
     pub async fn exec(mut self, req: ExecRequest) -> Result<UnixStream, GuestError> {
         self.expect_ok(&Request::Exec(req)).await?;
         Ok(self.stream)
+    }
+
+    /// Turns the connection into a stream of the guest's published ports.
+    pub async fn watch_ports(mut self) -> Result<PortsWatch, GuestError> {
+        write_frame(&mut self.stream, &Request::WatchPorts).await?;
+        Ok(PortsWatch {
+            stream: self.stream,
+        })
     }
 
     async fn expect_ok(&mut self, req: &Request) -> Result<(), GuestError> {

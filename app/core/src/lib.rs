@@ -9,6 +9,7 @@ pub mod guest;
 pub mod hostagent;
 pub mod http;
 pub mod lifecycle;
+pub mod net;
 pub mod paths;
 pub mod shell;
 pub mod status;

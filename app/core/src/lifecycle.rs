@@ -21,6 +21,8 @@ pub enum LifecycleError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Driver(#[from] crate::driver::DriverError),
+    #[error(transparent)]
+    Network(#[from] crate::net::passt::PasstError),
     #[error("cannot prepare {path}: {source}")]
     StateDir {
         path: String,
@@ -138,6 +140,7 @@ pub async fn start(
     }
     // Refuse what cannot work before anything starts.
     crate::driver::select(cfg.driver)?;
+    crate::net::passt::find()?;
     let image = image_dir(image_override)?;
     crate::driver::Image::load(&image)?;
     let mut child = spawn_host_agent(state, &image)?;

@@ -19,6 +19,9 @@
 //! | `qemu.monitor`, `qmp.sock` | QEMU's monitor and its QMP socket (driver `qemu`) |
 //! | `console.sock` | QEMU writes the guest console here; the host agent writes `console.log` (driver `qemu`) |
 //! | `vsock.sock_1025` | the guest agent's milestones, pushed to the host agent |
+//! | `passt.log` | passt's own log (capped by passt at 1 MiB) |
+//! | `net.sock` | the VM's network device listens here; passt is started on a connection to it |
+//! | `vsock.sock_1026` | the guest's DNS queries, answered by the host agent |
 //! | `data.img.fresh` | the host made `data.img` and the guest has not formatted it yet |
 //! | `last-stop.json` | how the VM last stopped, for `berth stop` and `berth status` |
 
@@ -137,6 +140,16 @@ impl StateDir {
     pub fn events_sock(&self) -> PathBuf {
         self.file(&format!("vsock.sock_{}", berth_proto::EVENTS_PORT))
     }
+    /// The VM's network device listens here (QEMU `-netdev stream`,
+    /// berth-vmm `--net-socket`); passt runs on a connection to it.
+    pub fn net_sock(&self) -> PathBuf {
+        self.file("net.sock")
+    }
+    /// Where the guest's DNS queries arrive (guest port
+    /// [`berth_proto::DNS_PORT`] on the host side).
+    pub fn dns_sock(&self) -> PathBuf {
+        self.file(&format!("vsock.sock_{}", berth_proto::DNS_PORT))
+    }
     /// Present while `data.img` was created by the host and not formatted
     /// yet: only then may the guest format a blank disk.
     pub fn data_disk_fresh(&self) -> PathBuf {
@@ -146,8 +159,10 @@ impl StateDir {
         self.file("last-stop.json")
     }
     /// Sockets removed when the VM stops (stale ones would mislead clients).
-    pub fn sockets(&self) -> [PathBuf; 9] {
+    pub fn sockets(&self) -> [PathBuf; 11] {
         [
+            self.net_sock(),
+            self.dns_sock(),
             self.agent_sock(),
             self.docker_sock(),
             self.vsock_sock(),

@@ -62,6 +62,24 @@ pub struct Status {
     /// How the VM last stopped (from `last-stop.json`).
     #[serde(default)]
     pub last_stop: Option<StopReport>,
+    /// The guest's network while the VM runs.
+    #[serde(default)]
+    pub network: Option<NetworkStatus>,
+    /// Ports the containers publish, forwarded from the host.
+    #[serde(default)]
+    pub forwards: Vec<crate::net::ports::ForwardStatus>,
+}
+
+/// The guest's network as `berth status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    /// The guest's address.
+    pub guest_ip: String,
+    /// What `host.docker.internal` names: the host's loopback, from the guest.
+    pub host_ip: String,
+    pub ipv6: bool,
+    /// The passt process that carries the guest's traffic.
+    pub passt: Option<crate::net::passt::PasstStatus>,
 }
 
 /// How a stop went.
@@ -138,6 +156,8 @@ impl Status {
             error: None,
             warning: None,
             last_stop: StopReport::load(state),
+            network: None,
+            forwards: Vec::new(),
         }
     }
 }

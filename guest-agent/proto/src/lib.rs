@@ -14,6 +14,7 @@
 pub mod exec;
 mod frame;
 mod message;
+pub mod net;
 pub mod shutdown;
 
 #[cfg(feature = "tokio")]
@@ -25,6 +26,11 @@ pub use frame::{read_frame, write_frame};
 pub use message::{
     AgentInfo, AgentState, DataDiskState, ErrorCode, Event, ExecRequest, Phase, Request, Response,
     TermSize,
+};
+#[cfg(feature = "tokio")]
+pub use net::read_dns_frame;
+pub use net::{
+    DnsFrame, DnsTransport, ForwardHeader, NetConfig, Proto, PublishedPort, DNS_PORT, FORWARD_PORT,
 };
 
 /// Version of the messages in [`message`]. Bumped on any incompatible change;

@@ -30,6 +30,11 @@ pub enum Request {
     /// [`crate::exec`]) until the process exits. Added in protocol 1 as an
     /// optional request: older agents answer `bad_request`.
     Exec(ExecRequest),
+    /// Reports the ports running containers publish: answered at once with
+    /// [`Response::Ports`], then again with the whole list whenever it
+    /// changes, for as long as the connection lives (it carries nothing
+    /// else from then on). Added in protocol 1 as an optional request.
+    WatchPorts,
 }
 
 /// A process to run in the guest, as root, in a new session.
@@ -63,10 +68,20 @@ pub struct TermSize {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Hello(AgentInfo),
-    Pong { nonce: u64 },
+    Pong {
+        nonce: u64,
+    },
     State(AgentState),
     Ok,
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// Every port the running containers publish (see
+    /// [`Request::WatchPorts`]).
+    Ports {
+        ports: Vec<crate::net::PublishedPort>,
+    },
 }
 
 /// Who the agent is.

@@ -27,6 +27,8 @@ pub struct VmConfig {
     /// Most host connections the vsock device holds at once (sized from
     /// the process's open-file limit).
     pub vsock_max_conns: usize,
+    /// A virtio-net device, its frames to the peer on this socket.
+    pub net_socket: Option<PathBuf>,
     /// Run even if the hypervisor probe says a stock Linux can't (tests on
     /// kvm_pvm with a kernel made for it).
     pub ignore_probe: bool,
@@ -117,6 +119,7 @@ mod tests {
             vsock_uds: None,
             guest_cid: 3,
             vsock_max_conns: 16,
+            net_socket: None,
             ignore_probe: false,
         }
     }

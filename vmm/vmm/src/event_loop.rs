@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use berth_devices::virtio::net::{NetDevice, StreamBackend};
 use berth_devices::virtio::vsock::VsockDevice;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -41,6 +42,14 @@ unsafe impl Source for EventFd {
 unsafe impl Source for VsockDevice {
     fn raw_fd(&self) -> RawFd {
         self.host_fd()
+    }
+}
+
+// SAFETY: the backend's descriptor is its epoll instance, created with it
+// and closed when the device's last handle (this one among them) drops.
+unsafe impl Source for NetDevice<StreamBackend> {
+    fn raw_fd(&self) -> RawFd {
+        self.backend_fd()
     }
 }
 

@@ -67,6 +67,11 @@ struct RunArgs {
     vsock: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     guest_cid: u64,
+    /// A virtio-net device whose frames go to the peer (passt, gvproxy)
+    /// that connects to this unix socket, in their stream framing; a new
+    /// peer replaces the old one.
+    #[arg(long)]
+    net_socket: Option<PathBuf>,
     /// Serve the control API (HTTP + JSON) on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -180,6 +185,7 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
         vsock_uds: a.vsock.clone(),
         guest_cid: a.guest_cid,
         vsock_max_conns: vsock_cap(fd_limit),
+        net_socket: a.net_socket.clone(),
         console_log_max: a.console_log_max,
         ignore_probe: a.ignore_probe,
     };

@@ -12,6 +12,7 @@ use berth_devices::legacy::serial::{ConsoleOut, IrqTrigger, SerialConsole};
 use berth_devices::virtio::blk::Block;
 use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
 use berth_devices::virtio::mmio::{MmioTransport, INTERRUPT_STATUS};
+use berth_devices::virtio::net::{NetDevice, StreamBackend};
 use berth_devices::virtio::rng::Rng;
 use berth_devices::virtio::vsock::VsockDevice;
 use berth_hypervisor::{Hypervisor, IoHandler, Vcpu, Vm};
@@ -46,6 +47,8 @@ pub enum BuildError {
     EventLoop(std::io::Error),
     #[error(transparent)]
     Vsock(#[from] berth_devices::virtio::vsock::VsockError),
+    #[error("cannot listen for the network peer on {0}: {1}")]
+    Net(String, std::io::Error),
     #[error("this host can't run a stock Linux guest: {0}")]
     Probe(String),
 }
@@ -84,6 +87,8 @@ pub struct Devices {
     irq_status: Vec<Arc<AtomicU32>>,
 }
 
+/// The guest's MAC address (locally administered).
+const NET_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xb5, 0x12, 0x70];
 const SERIAL_PORT: u16 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
 const I8042_DATA: u16 = 0x60;
@@ -324,6 +329,21 @@ where
     if let Some(v) = &vsock {
         virtio.push(Box::new(v.clone()));
     }
+    let net = match &cfg.net_socket {
+        Some(p) => {
+            let backend = StreamBackend::listen(p)
+                .map_err(|e| BuildError::Net(p.display().to_string(), e))?;
+            Some(NetDevice::new(
+                backend,
+                NET_MAC,
+                berth_devices::virtio::net::MAX_MTU,
+            ))
+        }
+        None => None,
+    };
+    if let Some(n) = &net {
+        virtio.push(Box::new(n.clone()));
+    }
     let mut cmdline = cfg.cmdline.trim().to_owned();
     let mut mmio = Vec::new();
     for (n, dev) in virtio.into_iter().enumerate() {
@@ -349,7 +369,7 @@ where
         mmio,
         irq_status,
     });
-    let events = start_event_loop(&*vm, hv.capabilities().ioeventfd, &devices, vsock)?;
+    let events = start_event_loop(&*vm, hv.capabilities().ioeventfd, &devices, vsock, net)?;
 
     // Kernel and what it reads at entry.
     let entry = boot::load_kernel(&*mem, &cfg.kernel)?;
@@ -413,6 +433,7 @@ fn start_event_loop<V: Vm>(
     ioeventfd: bool,
     devices: &Arc<Devices>,
     vsock: Option<VsockDevice>,
+    net: Option<NetDevice<StreamBackend>>,
 ) -> Result<EventLoop, BuildError> {
     let events = EventLoop::start().map_err(BuildError::EventLoop)?;
     if ioeventfd {
@@ -440,6 +461,14 @@ fn start_event_loop<V: Vm>(
         events
             .watch("vsock host sockets", v, |v| {
                 v.host_ready();
+                Ok(())
+            })
+            .map_err(BuildError::EventLoop)?;
+    }
+    if let Some(n) = net {
+        events
+            .watch("network peer", n, |n| {
+                n.backend_ready();
                 Ok(())
             })
             .map_err(BuildError::EventLoop)?;

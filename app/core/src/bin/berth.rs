@@ -347,6 +347,46 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
         ),
         None => println!("docker context: none ({})", context::INSTALL_HINT),
     }
+    if let Some(n) = &s.network {
+        println!(
+            "network:        guest {}, host (host.docker.internal) {}{}{}",
+            n.guest_ip,
+            n.host_ip,
+            if n.ipv6 { ", IPv6" } else { "" },
+            match &n.passt {
+                Some(p) => format!(
+                    "; passt pid {}{}",
+                    p.pid.map_or("-".into(), |p| p.to_string()),
+                    if p.restarts > 0 {
+                        format!(", restarted {} times", p.restarts)
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => String::new(),
+            }
+        );
+    }
+    if s.state == VmState::Running {
+        if s.forwards.is_empty() {
+            println!("ports:          none published");
+        } else {
+            println!("ports:");
+        }
+        for f in &s.forwards {
+            let host = match f.host_ip {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", f.host_port),
+                ip => format!("{ip}:{}", f.host_port),
+            };
+            match &f.error {
+                Some(e) => println!("  {host}/{} -> {}: ERROR {e}", f.proto, f.container),
+                None => println!(
+                    "  {host}/{} -> {}:{}",
+                    f.proto, f.container, f.container_port
+                ),
+            }
+        }
+    }
     if let Some(w) = &s.warning {
         println!("WARNING:        {w}");
     }

@@ -205,6 +205,9 @@ pub struct MachineSpec {
     pub fresh_disk: bool,
     /// Size at which the console log is rotated.
     pub console_log_max: u64,
+    /// The guest's network; its device listens on the state directory's
+    /// `net.sock` for passt. `None`: no network device.
+    pub net: Option<berth_proto::NetConfig>,
 }
 
 impl MachineSpec {
@@ -214,7 +217,12 @@ impl MachineSpec {
         } else {
             ""
         };
-        format!("{}{fresh} {}", self.image.cmdline, self.cmdline_extra)
+        let net = self
+            .net
+            .as_ref()
+            .map(|n| format!(" {}", n.cmdline_words()))
+            .unwrap_or_default();
+        format!("{}{fresh}{net} {}", self.image.cmdline, self.cmdline_extra)
             .trim()
             .to_owned()
     }

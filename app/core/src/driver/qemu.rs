@@ -87,6 +87,17 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
         .arg(&spec.image.kernel)
         .arg("-append")
         .arg(spec.cmdline());
+    if spec.net.is_some() {
+        // QEMU listens; the host agent connects and starts passt on that
+        // connection, and again whenever passt has to be restarted (QEMU
+        // listens again once a peer has gone).
+        let _ = std::fs::remove_file(st.net_sock());
+        cmd.arg("-netdev").arg(format!(
+            "stream,id=net0,server=on,addr.type=unix,addr.path={}",
+            st.net_sock().display()
+        ));
+        cmd.args(["-device", "virtio-net-device,netdev=net0"]);
+    }
     let disks = [(&spec.image.rootfs, true), (&st.data_disk(), false)];
     for (i, (path, ro)) in disks.iter().enumerate() {
         cmd.arg("-drive").arg(format!(

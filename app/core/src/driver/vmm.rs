@@ -23,6 +23,9 @@ pub fn run_args(spec: &MachineSpec) -> Vec<std::ffi::OsString> {
     flag("--cmdline", spec.cmdline().into());
     flag("--vsock", st.vsock_sock().into());
     flag("--api-socket", st.vmm_sock().into());
+    if spec.net.is_some() {
+        flag("--net-socket", st.net_sock().into());
+    }
     a.insert(0, "run".into());
     a
 }

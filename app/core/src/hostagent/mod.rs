@@ -54,6 +54,10 @@ pub enum Command {
 #[derive(Debug)]
 pub struct Shared {
     status: Mutex<Status>,
+    /// The passt that carries the guest's traffic, while the VM runs.
+    passt: Mutex<Option<Arc<crate::net::passt::PasstStats>>>,
+    /// Published ports, once Docker is ready.
+    forwards: Mutex<Option<Arc<crate::net::ports::Forwards>>>,
     started: Mutex<Option<Instant>>,
     command: Mutex<Option<Command>>,
     notify: Notify,
@@ -71,6 +75,22 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map(|t| t.elapsed().as_secs());
+        if let Some(n) = s.network.as_mut() {
+            n.passt = self
+                .passt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|p| p.snapshot());
+        }
+        if let Some(f) = self
+            .forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            s.forwards = f.status();
+        }
         s
     }
 
@@ -202,6 +222,8 @@ pub async fn run(state: StateDir, image_dir: PathBuf, mut lock: Flock<File>) -> 
             ..Status::stopped(&state, &cfg)
         }),
         started: Mutex::new(None),
+        passt: Mutex::new(None),
+        forwards: Mutex::new(None),
         command: Mutex::new(None),
         notify: Notify::new(),
     });
@@ -320,6 +342,22 @@ async fn lifecycle(
         logs::serve_console(&state.console_sock(), &state.console_log(), log_max)
             .with_context(|| format!("listening on {}", state.console_sock().display()))?;
     }
+    // The network: passt must be there, and the guest's resolver is
+    // answered from the start of the boot.
+    let passt_bin = crate::net::passt::find()?;
+    let net = crate::net::plan();
+    let dns_listener = UnixListener::bind(state.dns_sock())
+        .with_context(|| format!("listening on {}", state.dns_sock().display()))?;
+    let resolver = Arc::new(crate::net::dns::Resolver::new(&net, cfg.dns_server_addrs()));
+    let _dns_task = AbortOnDrop(tokio::spawn(crate::net::dns::serve(dns_listener, resolver)));
+    shared.update(|s| {
+        s.network = Some(crate::status::NetworkStatus {
+            guest_ip: net.ipv4.to_string(),
+            host_ip: net.gateway4.to_string(),
+            ipv6: net.ipv6.is_some(),
+            passt: None,
+        })
+    });
     let milestones = Arc::new(events::Milestones::default());
     let events_listener = UnixListener::bind(state.events_sock())
         .with_context(|| format!("listening on {}", state.events_sock().display()))?;
@@ -335,6 +373,7 @@ async fn lifecycle(
         cmdline_extra: cfg.cmdline_extra.clone(),
         fresh_disk,
         console_log_max: log_max,
+        net: Some(net.clone()),
     };
     shared.phase(VmState::Starting, &format!("starting the VM ({driver})"));
     let t0 = Instant::now();
@@ -342,6 +381,29 @@ async fn lifecycle(
     shared.update(|s| s.pid = machine.pid());
     record_pids(state, &machine.pids());
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
+    let passt_stats = Arc::new(crate::net::passt::PasstStats::default());
+    *shared.passt.lock().unwrap_or_else(|e| e.into_inner()) = Some(passt_stats.clone());
+    let (passt_tx, passt_rx) = tokio::sync::oneshot::channel();
+    let _passt = AbortOnDrop(tokio::spawn(crate::net::passt::supervise(
+        passt_bin,
+        state.net_sock(),
+        state.root.join("passt.log"),
+        net,
+        passt_stats,
+        passt_tx,
+    )));
+    tokio::select! {
+        r = passt_rx => {
+            if let Err(e) = r.unwrap_or_else(|_| Err("passt's supervisor ended".into())) {
+                machine.kill().await;
+                bail!("starting the VM's network (passt) failed: {e}");
+            }
+        }
+        st = machine.wait() => {
+            machine.stop_helpers().await;
+            bail!("the VM process exited during boot ({})", describe(st?));
+        }
+    }
     // A full host disk makes the guest's writes wait (see qmp.rs): say so.
     let _disk_watch = AbortOnDrop(match driver {
         Driver::Qemu(_) => tokio::spawn(qmp::watch(
@@ -377,8 +439,11 @@ async fn lifecycle(
                 forward::cap_for_this_process(),
             ));
             shared.update(|s| s.boot_ms = Some(t0.elapsed().as_millis() as u64));
+            let forwards = crate::net::ports::Forwards::new(state.vsock_sock());
+            *shared.forwards.lock().unwrap_or_else(|e| e.into_inner()) = Some(forwards.clone());
+            let ports = tokio::spawn(crate::net::ports::follow(state.vsock_sock(), forwards));
             shared.phase(VmState::Running, "running");
-            Some(task)
+            Some((task, ports))
         }
         Ok(Some(st)) => {
             machine.stop_helpers().await;
@@ -419,9 +484,24 @@ async fn lifecycle(
             stop::stop(state, shared, &milestones, &mut machine, c).await
         }
     };
-    if let Some(f) = forwarder {
+    if let Some((f, ports)) = forwarder {
         f.abort();
+        ports.abort();
     }
+    if let Some(f) = shared
+        .forwards
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        f.clear();
+    }
+    shared
+        .passt
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    shared.update(|s| s.network = None);
     machine.stop_helpers().await;
     Ok(report)
 }

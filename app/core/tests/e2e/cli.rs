@@ -289,6 +289,7 @@ fn vmm_driver_arguments(ctx: &Ctx) {
         cmdline_extra: "quiet".into(),
         fresh_disk: true,
         console_log_max: 1 << 20,
+        net: Some(berth_proto::NetConfig::berth_default(false)),
     };
     let args = run_args(&spec);
     let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name("berth-vmm");

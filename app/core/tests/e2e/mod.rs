@@ -5,7 +5,10 @@ mod cli;
 mod compose;
 mod containers;
 mod faults;
+mod hostnet;
+mod network;
 mod persistence;
+mod ports;
 mod socket;
 
 use std::path::PathBuf;
@@ -110,6 +113,8 @@ fn cases() -> Vec<Case> {
     v.extend(build::CASES);
     v.extend(socket::CASES);
     v.extend(compose::CASES);
+    v.extend(network::CASES);
+    v.extend(ports::CASES);
     v.extend(persistence::CASES);
     v.extend(faults::CASES);
     v
@@ -153,6 +158,13 @@ pub fn main() -> ExitCode {
     println!(
         "\nrunning {} end-to-end cases against one Berth VM",
         selected.len()
+    );
+    // The VM's only DNS server during the suite: no query leaves this host.
+    let dns = hostnet::start_dns();
+    ctx.berth_ok(&["config", "set", "dns_servers", &dns.to_string()]);
+    println!(
+        "setup: test resolver on {dns} ({} and below)",
+        hostnet::ZONE
     );
     let t0 = Instant::now();
     let out = ctx.berth(&["start"]);

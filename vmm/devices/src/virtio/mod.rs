@@ -3,6 +3,7 @@
 pub mod blk;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
