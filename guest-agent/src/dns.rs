@@ -33,37 +33,122 @@ const MAX_TCP_CLIENTS: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(30);
 
 /// Where an answer goes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum ReplyTo {
     Udp(SocketAddr),
     Tcp(mpsc::Sender<Vec<u8>>),
 }
 
+/// Who asked. Answers to one client leave in the order it asked: some
+/// clients send their A and AAAA queries with the same id (busybox's
+/// nslookup does when the guest clock is coarse, as under emulation) and
+/// take the answers in order, while the host answers each query as soon
+/// as it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Client {
+    Udp(SocketAddr),
+    Tcp(u64),
+}
+
 #[derive(Debug)]
 struct Waiting {
+    client: Client,
     reply: ReplyTo,
     since: Instant,
+    /// Order of arrival.
+    seq: u64,
+    /// The answer, held until every earlier query of the client is done.
+    answer: Option<Vec<u8>>,
 }
 
 /// Queries in flight, by tag.
 #[derive(Debug, Default)]
 struct InFlight {
     next_tag: u32,
+    next_seq: u64,
     waiting: HashMap<u32, Waiting>,
 }
 
+/// Answers ready to go out.
+type Ready = Vec<(ReplyTo, Vec<u8>)>;
+
 impl InFlight {
     /// Registers a query; `None` when too many wait.
-    fn add(&mut self, reply: ReplyTo, now: Instant) -> Option<u32> {
-        self.waiting
-            .retain(|_, w| now.duration_since(w.since) < QUERY_TIMEOUT);
+    fn add(&mut self, client: Client, reply: ReplyTo, now: Instant) -> (Option<u32>, Ready) {
+        let ready = self.expire(now);
         if self.waiting.len() >= MAX_IN_FLIGHT {
-            return None;
+            return (None, ready);
         }
         self.next_tag = self.next_tag.wrapping_add(1);
-        self.waiting
-            .insert(self.next_tag, Waiting { reply, since: now });
-        Some(self.next_tag)
+        self.next_seq += 1;
+        self.waiting.insert(
+            self.next_tag,
+            Waiting {
+                client,
+                reply,
+                since: now,
+                seq: self.next_seq,
+                answer: None,
+            },
+        );
+        (Some(self.next_tag), ready)
+    }
+
+    /// Records the answer to `tag`; returns what can now be sent.
+    fn answer(&mut self, tag: u32, msg: Vec<u8>, now: Instant) -> Ready {
+        let mut ready = self.expire(now);
+        let Some(w) = self.waiting.get_mut(&tag) else {
+            return ready;
+        };
+        w.answer = Some(msg);
+        let client = w.client;
+        ready.extend(self.release(client));
+        ready
+    }
+
+    /// The client's answers from its oldest query on, up to the first
+    /// that is not answered yet.
+    fn release(&mut self, client: Client) -> Ready {
+        let mut ready = Vec::new();
+        loop {
+            let oldest = self
+                .waiting
+                .iter()
+                .filter(|(_, w)| w.client == client)
+                .min_by_key(|(_, w)| w.seq)
+                .map(|(t, w)| (*t, w.answer.is_some()));
+            match oldest {
+                Some((tag, true)) => {
+                    if let Some(w) = self.waiting.remove(&tag) {
+                        if let Some(a) = w.answer {
+                            ready.push((w.reply, a));
+                        }
+                    }
+                }
+                _ => return ready,
+            }
+        }
+    }
+
+    /// Forgets queries the host has not answered in time, and sends what
+    /// they held back.
+    fn expire(&mut self, now: Instant) -> Ready {
+        let old: Vec<(u32, Client)> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.since) >= QUERY_TIMEOUT)
+            .map(|(t, w)| (*t, w.client))
+            .collect();
+        let mut ready = Vec::new();
+        for (tag, client) in old {
+            if let Some(w) = self.waiting.remove(&tag) {
+                if let Some(a) = w.answer {
+                    ready.push((w.reply, a));
+                }
+            }
+            ready.extend(self.release(client));
+        }
+        ready
     }
 }
 
@@ -89,24 +174,27 @@ pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl Relay {
-    async fn deliver(&self, reply: ReplyTo, msg: Vec<u8>) {
-        match reply {
-            ReplyTo::Udp(peer) => {
-                let _ = self.udp.send_to(&msg, peer).await;
-            }
-            ReplyTo::Tcp(tx) => {
-                let _ = tx.try_send(msg);
+    fn lock(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn deliver(&self, ready: Ready) {
+        for (reply, msg) in ready {
+            match reply {
+                ReplyTo::Udp(peer) => {
+                    let _ = self.udp.send_to(&msg, peer).await;
+                }
+                ReplyTo::Tcp(tx) => {
+                    let _ = tx.try_send(msg);
+                }
             }
         }
     }
 
     /// Sends a query to the host, or answers SERVFAIL at once if it can't.
-    async fn query(&self, msg: Vec<u8>, transport: DnsTransport, reply: ReplyTo) {
-        let tag = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add(reply, Instant::now());
+    async fn query(&self, msg: Vec<u8>, transport: DnsTransport, client: Client, reply: ReplyTo) {
+        let (tag, ready) = self.lock().add(client, reply, Instant::now());
+        self.deliver(ready).await;
         let Some(tag) = tag else {
             return;
         };
@@ -123,27 +211,15 @@ impl Relay {
     }
 
     async fn answer_failed(&self, tag: u32, query: &[u8]) {
-        let w = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .remove(&tag);
-        if let (Some(w), Some(r)) = (w, servfail(query)) {
-            self.deliver(w.reply, r).await;
+        if let Some(r) = servfail(query) {
+            let ready = self.lock().answer(tag, r, Instant::now());
+            self.deliver(ready).await;
         }
     }
 
     async fn answered(&self, frame: DnsFrame) {
-        let w = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .remove(&frame.tag);
-        if let Some(w) = w {
-            self.deliver(w.reply, frame.message).await;
-        }
+        let ready = self.lock().answer(frame.tag, frame.message, Instant::now());
+        self.deliver(ready).await;
     }
 }
 
@@ -175,7 +251,12 @@ async fn serve_udp(relay: Arc<Relay>) {
         };
         if n >= 12 {
             relay
-                .query(buf[..n].to_vec(), DnsTransport::Udp, ReplyTo::Udp(peer))
+                .query(
+                    buf[..n].to_vec(),
+                    DnsTransport::Udp,
+                    Client::Udp(peer),
+                    ReplyTo::Udp(peer),
+                )
                 .await;
         }
     }
@@ -183,6 +264,7 @@ async fn serve_udp(relay: Arc<Relay>) {
 
 async fn serve_tcp(relay: Arc<Relay>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
+    let mut serial = 0u64;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(v) => v,
@@ -195,15 +277,17 @@ async fn serve_tcp(relay: Arc<Relay>, listener: TcpListener) {
             continue;
         };
         let relay = relay.clone();
+        serial += 1;
+        let client = Client::Tcp(serial);
         tokio::spawn(async move {
             let _permit = permit;
-            tcp_client(relay, stream).await;
+            tcp_client(relay, stream, client).await;
         });
     }
 }
 
 /// One TCP client: 2-byte length-prefixed queries and answers.
-async fn tcp_client(relay: Arc<Relay>, stream: TcpStream) {
+async fn tcp_client(relay: Arc<Relay>, stream: TcpStream, client: Client) {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
     let writer = tokio::spawn(async move {
@@ -227,7 +311,7 @@ async fn tcp_client(relay: Arc<Relay>, stream: TcpStream) {
             break;
         }
         relay
-            .query(msg, DnsTransport::Tcp, ReplyTo::Tcp(tx.clone()))
+            .query(msg, DnsTransport::Tcp, client, ReplyTo::Tcp(tx.clone()))
             .await;
     }
     drop(tx);
@@ -274,12 +358,7 @@ async fn host_link(relay: Arc<Relay>, mut queries: mpsc::Receiver<DnsFrame>) {
         reader.abort();
         // What was sent on the broken connection will get no answer; its
         // clients retry.
-        relay
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .clear();
+        relay.lock().waiting.clear();
     }
 }
 
@@ -300,22 +379,56 @@ mod tests {
         assert!(servfail(&[0; 5]).is_none());
     }
 
+    fn udp(port: u16) -> (Client, ReplyTo) {
+        let a: SocketAddr = ([10, 0, 0, 1], port).into();
+        (Client::Udp(a), ReplyTo::Udp(a))
+    }
+
+    fn peers(r: &Ready) -> Vec<(u16, u8)> {
+        r.iter()
+            .map(|(to, m)| match to {
+                ReplyTo::Udp(a) => (a.port(), m[0]),
+                ReplyTo::Tcp(_) => (0, m[0]),
+            })
+            .collect()
+    }
+
     #[test]
     fn in_flight_is_bounded_and_expires() {
         let mut f = InFlight::default();
         let t0 = Instant::now();
-        for _ in 0..MAX_IN_FLIGHT {
-            assert!(f
-                .add(ReplyTo::Udp("1.2.3.4:5".parse().unwrap()), t0)
-                .is_some());
+        for i in 0..MAX_IN_FLIGHT {
+            let (c, r) = udp(i as u16);
+            assert!(f.add(c, r, t0).0.is_some());
         }
-        assert!(f
-            .add(ReplyTo::Udp("1.2.3.4:5".parse().unwrap()), t0)
-            .is_none());
+        let (c, r) = udp(1);
+        assert!(f.add(c, r, t0).0.is_none());
         let later = t0 + QUERY_TIMEOUT;
-        assert!(f
-            .add(ReplyTo::Udp("1.2.3.4:5".parse().unwrap()), later)
-            .is_some());
+        let (c, r) = udp(1);
+        assert!(f.add(c, r, later).0.is_some());
         assert_eq!(f.waiting.len(), 1);
+    }
+
+    /// Two queries from one client answered out of order leave in the
+    /// order asked; another client is not held up.
+    #[test]
+    fn answers_to_one_client_keep_its_order() {
+        let mut f = InFlight::default();
+        let t0 = Instant::now();
+        let (c, r) = udp(5);
+        let (a, _) = f.add(c, r.clone(), t0);
+        let (b, _) = f.add(c, r, t0);
+        let (c2, r2) = udp(6);
+        let (x, _) = f.add(c2, r2, t0);
+        assert!(f.answer(b.unwrap(), vec![2], t0).is_empty(), "held back");
+        assert_eq!(peers(&f.answer(x.unwrap(), vec![9], t0)), [(6, 9)]);
+        assert_eq!(peers(&f.answer(a.unwrap(), vec![1], t0)), [(5, 1), (5, 2)]);
+        assert!(f.waiting.is_empty());
+        // A query the host never answers releases what it held, in time.
+        let (c, r) = udp(7);
+        let (_lost, _) = f.add(c, r.clone(), t0);
+        let (d, _) = f.add(c, r, t0);
+        assert!(f.answer(d.unwrap(), vec![4], t0).is_empty());
+        assert_eq!(peers(&f.expire(t0 + QUERY_TIMEOUT)), [(7, 4)]);
     }
 }

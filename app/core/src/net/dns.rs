@@ -211,6 +211,15 @@ impl Resolver {
             _ => return None,
         };
         if let Some(local) = self.answer_locally(&parsed) {
+            tracing::debug!(
+                "DNS {:?} id {} answered here ({} records)",
+                parsed
+                    .queries
+                    .first()
+                    .map(|q| (q.name().to_string(), q.query_type())),
+                parsed.metadata.id,
+                local.answers.len()
+            );
             return local.to_vec().ok();
         }
         for server in self.upstream() {
