@@ -16,6 +16,7 @@ mod docker_api;
 mod events;
 mod exec;
 mod fatal;
+mod hostloop;
 mod init;
 mod net;
 mod ports;
@@ -141,6 +142,12 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
                 if let Err(e) = dns::start(n.ipv4.into()).await {
                     tracing::warn!("the DNS relay cannot listen: {e}");
                 }
+                let (reaper, gw) = (reaper.clone(), n.gateway4);
+                tokio::spawn(async move {
+                    if let Err(e) = hostloop::start(&reaper, gw).await {
+                        tracing::warn!("TCP to the host's loopback stays on passt: {e:#}");
+                    }
+                });
             }
         }
         Ok(Err(e)) => tracing::warn!("bringing up the network failed: {e:#}"),

@@ -33,7 +33,13 @@ const COPY_BUF: usize = 64 * 1024;
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// How long the host may take to send its header line.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A container's listen backlog can be short (busybox httpd: 9) and
+/// its SYNs retried by the kernel; the client waits as it would for any
+/// slow server, up to about the kernel's own SYN retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// dockerd can announce an event a moment before its container list shows
+/// it: the list is read again this much later.
+const SETTLE: Duration = Duration::from_millis(300);
 
 /// Where a published port leads inside the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +169,10 @@ async fn list_ports() -> Result<Vec<(PublishedPort, Target)>, crate::docker_api:
     Ok(parse_containers(&json))
 }
 
-/// The events that can change the table.
-const EVENTS_PATH: &str = "/events?filters=%7B%22event%22%3A%5B%22start%22%2C%22die%22%2C%22destroy%22%2C%22rename%22%2C%22connect%22%2C%22disconnect%22%5D%7D";
+/// The events that can change the table: `{"event":["start","restart",
+/// "die","stop","kill","destroy","rename","pause","unpause","connect",
+/// "disconnect"]}`.
+const EVENTS_PATH: &str = "/events?filters=%7B%22event%22%3A%5B%22start%22%2C%22restart%22%2C%22die%22%2C%22stop%22%2C%22kill%22%2C%22destroy%22%2C%22rename%22%2C%22pause%22%2C%22unpause%22%2C%22connect%22%2C%22disconnect%22%5D%7D";
 
 /// Follows dockerd's events and keeps `table` current, for as long as
 /// the agent lives; reconnects (and re-lists) when the stream ends.
@@ -210,6 +218,16 @@ async fn follow_once(table: &Table) -> anyhow::Result<()> {
                 more?;
             }
             table.set(list_ports().await?);
+            // And once more when dockerd's own view has settled, unless
+            // more events came meanwhile (then the loop lists anyway).
+            match tokio::time::timeout(SETTLE, body.frame()).await {
+                Err(_) => table.set(list_ports().await?),
+                Ok(None) => anyhow::bail!("dockerd ended the event stream"),
+                Ok(Some(more)) => {
+                    more?;
+                    table.set(list_ports().await?);
+                }
+            }
         }
     }
 }

@@ -21,6 +21,7 @@
 //! | `vsock.sock_1025` | the guest agent's milestones, pushed to the host agent |
 //! | `passt.log` | passt's own log (capped by passt at 1 MiB) |
 //! | `net.sock` | the VM's network device listens here; passt is started on a connection to it |
+//! | `vsock.sock_1027` | the guest's TCP connections to the host's loopback, made by the host agent |
 //! | `vsock.sock_1026` | the guest's DNS queries, answered by the host agent |
 //! | `data.img.fresh` | the host made `data.img` and the guest has not formatted it yet |
 //! | `last-stop.json` | how the VM last stopped, for `berth stop` and `berth status` |
@@ -150,6 +151,14 @@ impl StateDir {
     pub fn dns_sock(&self) -> PathBuf {
         self.file(&format!("vsock.sock_{}", berth_proto::DNS_PORT))
     }
+    /// Where the guest's connections to the host's loopback arrive (guest
+    /// port [`berth_proto::net::HOST_CONNECT_PORT`] on the host side).
+    pub fn hostloop_sock(&self) -> PathBuf {
+        self.file(&format!(
+            "vsock.sock_{}",
+            berth_proto::net::HOST_CONNECT_PORT
+        ))
+    }
     /// Present while `data.img` was created by the host and not formatted
     /// yet: only then may the guest format a blank disk.
     pub fn data_disk_fresh(&self) -> PathBuf {
@@ -159,8 +168,9 @@ impl StateDir {
         self.file("last-stop.json")
     }
     /// Sockets removed when the VM stops (stale ones would mislead clients).
-    pub fn sockets(&self) -> [PathBuf; 11] {
+    pub fn sockets(&self) -> [PathBuf; 12] {
         [
+            self.hostloop_sock(),
             self.net_sock(),
             self.dns_sock(),
             self.agent_sock(),

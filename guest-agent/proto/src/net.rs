@@ -20,6 +20,30 @@ pub const FORWARD_PORT: u32 = 1030;
 /// as a [`DnsFrame`], which answers with the host's view of names.
 pub const DNS_PORT: u32 = 1026;
 
+/// Host vsock port the agent connects to for a TCP connection to the
+/// host's loopback (`host.docker.internal`): it sends a [`HostConnect`]
+/// line, the host agent connects and answers `OK\n` (then bytes both
+/// ways) or `ERR <reason>\n`.
+pub const HOST_CONNECT_PORT: u32 = 1027;
+
+/// What a [`HOST_CONNECT_PORT`] connection asks for: `tcp <port>\n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostConnect {
+    pub port: u16,
+}
+
+impl HostConnect {
+    pub fn encode(&self) -> String {
+        format!("tcp {}\n", self.port)
+    }
+
+    /// Parses a request line (without its newline).
+    pub fn parse(line: &str) -> Option<HostConnect> {
+        let port: u16 = line.strip_prefix("tcp ")?.parse().ok()?;
+        (port != 0).then_some(HostConnect { port })
+    }
+}
+
 /// The guest's network settings. The host agent picks them, starts passt
 /// (or gvproxy) with the same values and passes them on the kernel command
 /// line, so both ends agree without DHCP.
@@ -377,6 +401,24 @@ mod tests {
         assert!(DnsFrame::body_len(u32::MAX.to_be_bytes()).is_err());
         assert!(DnsFrame::decode_body(&[0, 0, 0, 1, 9, 1]).is_err());
         assert!(DnsFrame::decode_body(&[0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn host_connect_lines() {
+        let h = HostConnect { port: 5432 };
+        assert_eq!(h.encode(), "tcp 5432\n");
+        assert_eq!(HostConnect::parse("tcp 5432"), Some(h));
+        for bad in [
+            "",
+            "tcp",
+            "tcp 0",
+            "tcp 70000",
+            "udp 53",
+            "tcp 1 2",
+            "tcp -1",
+        ] {
+            assert_eq!(HostConnect::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -358,6 +358,9 @@ async fn lifecycle(
             passt: None,
         })
     });
+    let hostloop_listener = UnixListener::bind(state.hostloop_sock())
+        .with_context(|| format!("listening on {}", state.hostloop_sock().display()))?;
+    let _hostloop_task = AbortOnDrop(tokio::spawn(crate::net::hostloop::serve(hostloop_listener)));
     let milestones = Arc::new(events::Milestones::default());
     let events_listener = UnixListener::bind(state.events_sock())
         .with_context(|| format!("listening on {}", state.events_sock().display()))?;

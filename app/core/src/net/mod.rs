@@ -6,12 +6,15 @@
 //!   berth-vmm's virtio-net), restarting it if it dies;
 //! * [`dns`]: answers the guest agent's relayed DNS queries with the
 //!   host's view of names;
+//! * [`hostloop`]: TCP from the guest to the host's loopback
+//!   (`host.docker.internal`), over vsock;
 //! * [`ports`]: binds every port the containers publish on the host and
 //!   joins each connection (or UDP peer) to the guest over vsock.
 //!
 //! See `docs/networking.md`.
 
 pub mod dns;
+pub mod hostloop;
 pub mod passt;
 pub mod ports;
 
