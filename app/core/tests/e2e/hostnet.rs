@@ -105,14 +105,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A TCP server on `ip` that answers each connection with `reply` and a
-/// newline, then closes. Runs until the process ends.
+/// A TCP server on `ip` that reads a request (up to an empty line, or the
+/// client's end of input) and answers an HTTP 200 with `reply` and a
+/// newline, then closes: `wget` and `nc` both see `reply`. Runs until the
+/// process ends.
 pub fn tcp_greeter(ip: IpAddr, reply: &'static str) -> u16 {
     let l = TcpListener::bind((ip, 0)).unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let _ = s.write_all(format!("{reply}\n").as_bytes());
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 4096 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = format!("{reply}\n");
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            });
         }
     });
     port
