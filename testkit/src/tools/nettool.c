@@ -65,7 +65,7 @@ static int tcpecho(const char *port) {
     int no = 0, yes = 1;
     setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &no, sizeof no);
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-    if (s < 0 || bind(s, ai->ai_addr, ai->ai_addrlen) != 0 || listen(s, 128) != 0) { perror("listen"); return 2; }
+    if (s < 0 || bind(s, ai->ai_addr, ai->ai_addrlen) != 0 || listen(s, 1024) != 0) { perror("listen"); return 2; }
     printf("tcp echo on %s\n", port);
     fflush(stdout);
     static char buf[1 << 16];

@@ -85,8 +85,12 @@ fn guest_eth0(ctx: &Ctx) {
     assert!(st["network"]["passt"]["pid"].as_u64().is_some(), "{st}");
     // The network came up before dockerd started.
     let console = ctx.console();
-    let net_at = console.find("berth-agent: network ip=192.168.127.2");
-    let dockerd_at = console.find("berth-agent: dockerd-started");
+    let net_at = console
+        .lines()
+        .position(|l| l.starts_with("berth-agent: network ") && l.ends_with("ip=192.168.127.2"));
+    let dockerd_at = console
+        .lines()
+        .position(|l| l.starts_with("berth-agent: dockerd-started"));
     assert!(
         net_at.is_some() && net_at < dockerd_at,
         "network before dockerd: {net_at:?} {dockerd_at:?}"
@@ -98,9 +102,10 @@ fn guest_eth0(ctx: &Ctx) {
     );
 }
 
-/// `wget -qO- http://HOST:PORT/` in a container.
+/// `wget -qO- http://HOST:PORT/` in a container (busybox 1.35's wget
+/// crashes with `-T`, so `timeout` bounds it).
 fn wget(host: &str, port: &str) -> Vec<String> {
-    [BB, "wget", "-q", "-T", "10", "-O", "-"]
+    [BB, "timeout", "30", "wget", "-q", "-O", "-"]
         .iter()
         .map(|s| s.to_string())
         .chain([format!("http://{host}:{port}/")])
@@ -162,7 +167,7 @@ fn host_loopback(ctx: &Ctx) {
             BB,
             "sh",
             "-c",
-            &format!("grep devhost /etc/hosts; wget -q -T 10 -O - http://devhost:{port}/"),
+            &format!("grep devhost /etc/hosts; timeout 30 wget -q -O - http://devhost:{port}/"),
         ],
     );
     assert!(out.contains("192.168.127.1"), "{out}");
