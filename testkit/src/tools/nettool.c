@@ -4,6 +4,8 @@
  *   nettool echo PORT            UDP: echo every datagram back, forever
  *   nettool send HOST PORT MSG   UDP: send MSG, print the reply (3 tries, 2 s each)
  *   nettool tcpecho PORT         TCP: echo each connection until EOF, one at a time
+ *   nettool tcpsend HOST PORT MIB TCP: send MIB mebibytes of zeros in 64 KiB writes
+ *   nettool tcpsink PORT         TCP: read and discard each connection, one at a time
  */
 #include <netdb.h>
 #include <netinet/in.h>
@@ -57,6 +59,26 @@ static int send_one(const char *host, const char *port, const char *msg) {
     return 1;
 }
 
+static int tcpsink(const char *port) {
+    struct addrinfo hints = {.ai_family = AF_INET6, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+    struct addrinfo *ai;
+    if (getaddrinfo(NULL, port, &hints, &ai) != 0) return 2;
+    int s = socket(ai->ai_family, SOCK_STREAM, 0);
+    int no = 0, yes = 1;
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &no, sizeof no);
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    if (s < 0 || bind(s, ai->ai_addr, ai->ai_addrlen) != 0 || listen(s, 1024) != 0) { perror("listen"); return 2; }
+    printf("tcp sink on %s\n", port);
+    fflush(stdout);
+    static char buf[1 << 16];
+    for (;;) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0) continue;
+        while (read(c, buf, sizeof buf) > 0) {}
+        close(c);
+    }
+}
+
 static int tcpecho(const char *port) {
     struct addrinfo hints = {.ai_family = AF_INET6, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
     struct addrinfo *ai;
@@ -86,10 +108,30 @@ static int tcpecho(const char *port) {
     }
 }
 
+static int tcpsend(const char *host, const char *port, const char *mib) {
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    struct addrinfo *ai;
+    int e = getaddrinfo(host, port, &hints, &ai);
+    if (e != 0) { fprintf(stderr, "%s: %s\n", host, gai_strerror(e)); return 2; }
+    int s = socket(ai->ai_family, SOCK_STREAM, 0);
+    if (s < 0 || connect(s, ai->ai_addr, ai->ai_addrlen) != 0) { perror("connect"); return 2; }
+    static char buf[1 << 16];
+    long long left = atoll(mib) << 20;
+    while (left > 0) {
+        ssize_t w = write(s, buf, left < (long long)sizeof buf ? (size_t)left : sizeof buf);
+        if (w <= 0) { perror("write"); return 1; }
+        left -= w;
+    }
+    close(s);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "tcpsink") == 0) return tcpsink(argv[2]);
+    if (argc == 5 && strcmp(argv[1], "tcpsend") == 0) return tcpsend(argv[2], argv[3], argv[4]);
     if (argc == 3 && strcmp(argv[1], "tcpecho") == 0) return tcpecho(argv[2]);
     if (argc == 3 && strcmp(argv[1], "echo") == 0) return echo(argv[2]);
     if (argc == 5 && strcmp(argv[1], "send") == 0) return send_one(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: nettool echo PORT | nettool send HOST PORT MSG | nettool tcpecho PORT\n");
+    fprintf(stderr, "usage: nettool echo PORT | nettool send HOST PORT MSG | nettool tcpecho PORT | nettool tcpsend HOST PORT MIB | nettool tcpsink PORT\n");
     return 2;
 }

@@ -42,7 +42,12 @@ pub enum PasstError {
 /// Finds passt: `$BERTH_PASST`, else on PATH.
 pub fn find() -> Result<PathBuf, PasstError> {
     if let Some(p) = std::env::var_os("BERTH_PASST") {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(PasstError::NotFound)
+        };
     }
     find_on_path("passt").ok_or(PasstError::NotFound)
 }

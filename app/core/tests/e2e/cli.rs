@@ -18,6 +18,7 @@ pub const CASES: &[Case] = &[
     ("cli_shell_pty", shell_pty),
     ("cli_start_failure_reports_and_cleans_up", start_failure),
     ("cli_unusable_driver_is_explained", unusable_driver),
+    ("cli_missing_passt_is_explained", missing_passt),
     ("cli_works_without_docker_cli", without_docker_cli),
     ("cli_vmm_driver_arguments_accepted", vmm_driver_arguments),
 ];
@@ -259,6 +260,27 @@ fn unusable_driver(ctx: &Ctx) {
         err.contains("driver vmm cannot run here") && err.contains("kvm"),
         "{err}"
     );
+}
+
+/// Without passt, `berth start` refuses before anything starts and says
+/// how to install it.
+fn missing_passt(ctx: &Ctx) {
+    let out = ctx
+        .berth_cmd(&["--vm", "nopasst", "start"])
+        .env("PATH", "/nonexistent")
+        .env_remove("BERTH_PASST")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("passt was not found") && err.contains("apt-get install passt"),
+        "{err}"
+    );
+    let state = ctx.data_home.join("berth/nopasst");
+    assert!(!state.join("agent.sock").exists(), "nothing started");
+    let pids = std::fs::read_to_string(state.join("vm.pids")).unwrap_or_default();
+    assert!(pids.is_empty(), "nothing started: {pids}");
 }
 
 /// Without a docker CLI on PATH Berth still answers and says how to get one.
