@@ -107,7 +107,8 @@ fn boot_to_init(format: Format) {
     let scratch = Scratch::new(&format!("kvm-boot-{format:?}"));
     let console = scratch.0.join("console.log");
     let api_sock = scratch.0.join("vmm.sock");
-    // Every device berth-vmm has: root and data disks, vsock, rng, serial.
+    // Every device berth-vmm has: root and data disks, vsock, net, rng,
+    // serial.
     let data = scratch.0.join("data.img");
     berth_testkit::sparse_disk(&data, 1 << 30);
     let vsock = scratch.0.join("v.sock");
@@ -129,6 +130,8 @@ fn boot_to_init(format: Format) {
     .arg(&data)
     .arg("--vsock")
     .arg(&vsock)
+    .arg("--net-socket")
+    .arg(scratch.0.join("net.sock"))
     .arg("--console-log")
     .arg(&console)
     .arg("--api-socket")
@@ -214,6 +217,16 @@ fn boot_to_init(format: Format) {
         "the root was read through our virtio-blk"
     );
     assert!(m["serial"]["bytes_out"].as_u64().unwrap() > 1000);
+    // The guest's virtio_net driver took our virtio-net (features
+    // negotiated, queues set up, DRIVER_OK) before init ran.
+    let net = m["virtio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_type"] == 1)
+        .expect("a virtio-net device");
+    assert_eq!(net["driver_ok"], 1, "{net}");
+    assert_eq!(net["tx_malformed"], 0, "{net}");
 
     let status = if real_kvm {
         // User space runs: ask for an orderly shutdown.

@@ -145,6 +145,7 @@ impl MmioTransport {
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut c = self.device.counters();
         c.push(("bad_register_accesses", self.bad_accesses));
+        c.push(("driver_ok", self.activated as u64));
         c
     }
 
