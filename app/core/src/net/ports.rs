@@ -29,7 +29,9 @@ use tokio::task::JoinHandle;
 
 use crate::vsock;
 
-/// Connections (or UDP peers) one published port serves at once.
+/// Connections (or UDP peers) one published port serves at once, at most;
+/// a process with fewer descriptors to spare gets a lower cap (two per
+/// connection).
 pub const MAX_PER_PORT: usize = 512;
 /// Bytes buffered per direction of a forwarded connection.
 const COPY_BUF: usize = 64 * 1024;
@@ -87,14 +89,27 @@ impl Drop for Entry {
 #[derive(Debug)]
 pub struct Forwards {
     vsock_sock: PathBuf,
+    /// Connections or UDP peers per port at once.
+    per_port: usize,
     entries: Mutex<HashMap<Key, Entry>>,
     log: Arc<Mutex<RateLimiter>>,
 }
 
 impl Forwards {
     pub fn new(vsock_sock: PathBuf) -> Arc<Forwards> {
+        let cap = berth_limits::fds::connection_cap(
+            berth_limits::fds::current_nofile_limit(),
+            2,
+            MAX_PER_PORT,
+        );
+        Forwards::with_cap(vsock_sock, cap)
+    }
+
+    /// Forwards that serve at most `per_port` connections per port.
+    pub fn with_cap(vsock_sock: PathBuf, per_port: usize) -> Arc<Forwards> {
         Arc::new(Forwards {
             vsock_sock,
+            per_port: per_port.max(1),
             entries: Mutex::new(HashMap::new()),
             log: Arc::new(Mutex::new(RateLimiter::default())),
         })
@@ -148,6 +163,7 @@ impl Forwards {
             },
             stats: e.stats.clone(),
             log: self.log.clone(),
+            cap: self.per_port,
         };
         let bound = match p.proto {
             Proto::Tcp => bind_tcp(addr).map(|l| tokio::spawn(serve_tcp(l, ctx))),
@@ -266,6 +282,7 @@ struct Ctx {
     header: ForwardHeader,
     stats: Arc<PortStats>,
     log: Arc<Mutex<RateLimiter>>,
+    cap: usize,
 }
 
 impl Ctx {
@@ -298,7 +315,7 @@ impl Ctx {
 
 /// Serves one TCP forward until aborted.
 async fn serve_tcp(listener: TcpListener, ctx: Ctx) {
-    let slots = Arc::new(Semaphore::new(MAX_PER_PORT));
+    let slots = Arc::new(Semaphore::new(ctx.cap));
     let mut backoff = Duration::from_millis(50);
     loop {
         let client = match listener.accept().await {
@@ -319,8 +336,8 @@ async fn serve_tcp(listener: TcpListener, ctx: Ctx) {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
             ctx.warn(format_args!(
-                "published port {}: {MAX_PER_PORT} connections already; closing a new one",
-                ctx.header.host_port
+                "published port {}: {} connections already; closing a new one",
+                ctx.header.host_port, ctx.cap
             ));
             continue;
         };
@@ -379,7 +396,7 @@ async fn serve_udp(sock: UdpSocket, ctx: Ctx) {
             let _ = s.tx.try_send(datagram);
             continue;
         }
-        if map.len() >= MAX_PER_PORT {
+        if map.len() >= ctx.cap {
             ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -573,6 +590,59 @@ mod tests {
             assert!(st.iter().all(|s| s.state == "active"), "{st:?}");
         }
         assert_eq!(st[0].state, "active", "{st:?}");
+    }
+
+    /// A stand-in for the VM's `vsock.sock`: answers every `CONNECT` with
+    /// `OK`, then holds the stream without reading (a stuck container).
+    fn holding_guest(dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut line = [0u8; 32];
+                let _ = s.read(&mut line).await;
+                let _ = s.write_all(b"OK 1\n").await;
+                held.push(s);
+            }
+        });
+        path
+    }
+
+    /// Beyond the per-port cap a connection is closed at once, while the
+    /// held ones stay open.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed() {
+        let dir = std::env::temp_dir().join(format!("berth-ports-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = Forwards::with_cap(holding_guest(&dir), 8);
+        let p = free_port();
+        f.reconcile(&[port(Proto::Tcp, "127.0.0.1", p)]);
+        let mut open = Vec::new();
+        for _ in 0..8 {
+            let mut c = TcpStream::connect(("127.0.0.1", p)).await.unwrap();
+            c.write_all(b"x").await.unwrap();
+            open.push(c);
+        }
+        // Wait until the forwarder took all eight.
+        for _ in 0..100 {
+            if f.status()[0].active_connections == 8 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(f.status()[0].active_connections, 8, "{:?}", f.status());
+        let mut extra = TcpStream::connect(("127.0.0.1", p)).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), extra.read(&mut buf))
+            .await
+            .expect("closed, not held")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the ninth connection is closed");
+        assert_eq!(f.status()[0].active_connections, 8, "the others still held");
+        drop(open);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A UDP session relays datagrams both ways over a stream.
