@@ -8,48 +8,12 @@
 //! * a 1 GiB upload (`docker cp` of a 1 GiB file into a container);
 //! * `berth start` to Docker ready: cold (fresh data disk) and warm.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-struct Bench {
-    data_home: PathBuf,
-    docker_config: PathBuf,
-}
-
-impl Bench {
-    fn cmd(&self, program: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(program);
-        c.args(args)
-            .env("XDG_DATA_HOME", &self.data_home)
-            .env("DOCKER_CONFIG", &self.docker_config)
-            .env_remove("DOCKER_HOST")
-            .stdin(Stdio::null());
-        c
-    }
-    fn berth(&self, args: &[&str]) -> String {
-        run(self.cmd(env!("CARGO_BIN_EXE_berth"), args))
-    }
-    fn docker(&self, args: &[&str]) -> String {
-        run(self.cmd("docker", args))
-    }
-    fn sock(&self) -> PathBuf {
-        self.data_home.join("berth/default/docker.sock")
-    }
-}
-
-fn run(mut c: Command) -> String {
-    let out = c.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{c:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
@@ -88,13 +52,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let work = std::env::temp_dir().join(format!("berth-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    let b = Bench {
-        data_home: work.join("data"),
-        docker_config: work.join("docker-config"),
-    };
-    std::fs::create_dir_all(&b.docker_config).unwrap();
+    let b = common::ScratchVm::new("bench");
+    let work = b.work.clone();
 
     let t = Instant::now();
     b.berth(&["start"]);
@@ -107,8 +66,8 @@ fn main() {
     let warm = t.elapsed();
 
     // Warm-up, then the measured runs.
-    host_pings(&b.sock(), 100);
-    let host = host_pings(&b.sock(), 1000);
+    host_pings(&b.data_home.join("berth/default/docker.sock"), 100);
+    let host = host_pings(&b.data_home.join("berth/default/docker.sock"), 1000);
     let guest_line = b.berth(&["shell", "--", "/sbin/berth-agent", "bench-ping", "1000"]);
     let field = |k: &str| -> u64 {
         guest_line
@@ -148,7 +107,6 @@ fn main() {
     let up = t.elapsed();
     b.docker(&["rm", "-f", "bench-sink"]);
     b.berth(&["stop"]);
-    let _ = std::fs::remove_dir_all(&work);
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("\nBerth benchmark (driver {driver})");

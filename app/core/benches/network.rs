@@ -17,11 +17,12 @@
 //! BERTH_BENCH_MIB sets the in-process volume (default 1024), and
 //! BERTH_BENCH_VM_MIB the VM's (default 256).
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -354,40 +355,6 @@ fn in_process(total: u64) {
     );
 }
 
-struct Vm {
-    data_home: PathBuf,
-    docker_config: PathBuf,
-    work: PathBuf,
-}
-
-impl Vm {
-    fn cmd(&self, program: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(program);
-        c.args(args)
-            .env("XDG_DATA_HOME", &self.data_home)
-            .env("DOCKER_CONFIG", &self.docker_config)
-            .env_remove("DOCKER_HOST")
-            .stdin(Stdio::null());
-        c
-    }
-    fn run(&self, program: &str, args: &[&str]) -> String {
-        let out = self.cmd(program, args).output().expect("spawn");
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    fn berth(&self, args: &[&str]) -> String {
-        self.run(env!("CARGO_BIN_EXE_berth"), args)
-    }
-    fn docker(&self, args: &[&str]) -> String {
-        self.run("docker", args)
-    }
-}
-
 /// The host's own IPv4 address on its default route.
 fn host_ipv4() -> std::net::Ipv4Addr {
     let out = Command::new("ip")
@@ -425,14 +392,7 @@ fn wait_echo(addr: SocketAddr) {
 }
 
 fn through_vm(total: u64) {
-    let work = std::env::temp_dir().join(format!("berth-netbench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    let vm = Vm {
-        data_home: work.join("data"),
-        docker_config: work.join("docker-config"),
-        work: work.clone(),
-    };
-    std::fs::create_dir_all(&vm.docker_config).unwrap();
+    let vm = common::ScratchVm::new("netbench");
     // A resolver nobody answers on: nothing in the VM resolves outside.
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     vm.berth(&[
@@ -553,7 +513,6 @@ fn through_vm(total: u64) {
     let lo_rtt = connect_rtts(loopback_echo(), 1000);
     vm.docker(&["rm", "-f", "sink", "echo"]);
     vm.berth(&["stop"]);
-    let _ = std::fs::remove_dir_all(&work);
 
     println!("\n## Through the VM (driver {driver}), {mib} MiB each way");
     println!("| path | MB/s | share of loopback |");
