@@ -59,17 +59,24 @@ static int send_one(const char *host, const char *port, const char *msg) {
     return 1;
 }
 
-static int tcpsink(const char *port) {
+/* A TCP listener on every address (IPv4 and IPv6), or -1. */
+static int listen_tcp(const char *port, const char *what) {
     struct addrinfo hints = {.ai_family = AF_INET6, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
     struct addrinfo *ai;
-    if (getaddrinfo(NULL, port, &hints, &ai) != 0) return 2;
+    if (getaddrinfo(NULL, port, &hints, &ai) != 0) return -1;
     int s = socket(ai->ai_family, SOCK_STREAM, 0);
     int no = 0, yes = 1;
     setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &no, sizeof no);
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-    if (s < 0 || bind(s, ai->ai_addr, ai->ai_addrlen) != 0 || listen(s, 1024) != 0) { perror("listen"); return 2; }
-    printf("tcp sink on %s\n", port);
+    if (s < 0 || bind(s, ai->ai_addr, ai->ai_addrlen) != 0 || listen(s, 1024) != 0) { perror("listen"); return -1; }
+    printf("tcp %s on %s\n", what, port);
     fflush(stdout);
+    return s;
+}
+
+static int tcpsink(const char *port) {
+    int s = listen_tcp(port, "sink");
+    if (s < 0) return 2;
     static char buf[1 << 16];
     for (;;) {
         int c = accept(s, NULL, NULL);
@@ -80,16 +87,9 @@ static int tcpsink(const char *port) {
 }
 
 static int tcpecho(const char *port) {
-    struct addrinfo hints = {.ai_family = AF_INET6, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
-    struct addrinfo *ai;
-    if (getaddrinfo(NULL, port, &hints, &ai) != 0) return 2;
-    int s = socket(ai->ai_family, SOCK_STREAM, 0);
-    int no = 0, yes = 1;
-    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &no, sizeof no);
-    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-    if (s < 0 || bind(s, ai->ai_addr, ai->ai_addrlen) != 0 || listen(s, 1024) != 0) { perror("listen"); return 2; }
-    printf("tcp echo on %s\n", port);
-    fflush(stdout);
+    int s = listen_tcp(port, "echo");
+    if (s < 0) return 2;
+    int yes = 1;
     static char buf[1 << 16];
     for (;;) {
         int c = accept(s, NULL, NULL);
