@@ -55,6 +55,9 @@ echo berth > "$STAGE/etc/hostname.new" && mv "$STAGE/etc/hostname.new" "$STAGE/e
 # Mount points: the data disk and what is bound from it, scratch tmpfs.
 mkdir -p "$STAGE"/var/lib/{berth,docker,containerd} "$STAGE/etc/docker" \
     "$STAGE"/{dev,proc,sys,run,tmp,root} "$STAGE/var/log"
+# Empty parents for shared host folders (the agent lays a tmpfs over one to
+# make a share's mount point): macOS and Linux homes, volumes and temp dirs.
+mkdir -p "$STAGE"/{Users,Volumes,private,home,mnt,media,srv} "$STAGE/var/folders"
 
 IMG=$OUT_DIR/rootfs.$FORMAT
 rm -f "$OUT_DIR"/rootfs.* "$IMG.tmp"

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use berth_proto::share::ShareSpec;
 use berth_proto::NetConfig;
 
 /// What the agent reads from `/proc/cmdline`.
@@ -25,6 +26,8 @@ pub struct Settings {
     /// The guest's network (`berth.ip=`, `berth.gw=`, `berth.mtu=`,
     /// `berth.ip6=`, `berth.gw6=`); without it only `lo` comes up.
     pub net: Option<NetConfig>,
+    /// Host folders to mount (`berth.share=TAG,rw|ro,PATH`).
+    pub shares: Vec<ShareSpec>,
 }
 
 /// Where a test-mode panic happens.
@@ -54,6 +57,7 @@ impl Default for Settings {
             data_fresh: false,
             test_panic: None,
             net: None,
+            shares: Vec::new(),
         }
     }
 }
@@ -63,6 +67,7 @@ impl Default for Settings {
 pub fn parse(cmdline: &str) -> Settings {
     let mut s = Settings {
         net: NetConfig::from_cmdline(cmdline),
+        shares: ShareSpec::from_cmdline(cmdline),
         ..Settings::default()
     };
     for word in cmdline.split_ascii_whitespace() {

@@ -23,6 +23,7 @@ mod ports;
 mod process;
 mod reaper;
 mod selftest;
+mod shares;
 mod shutdown;
 mod state;
 mod vsock;
@@ -132,6 +133,22 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
     };
     shared.update(|s| s.data_disk = disk);
     console::milestone("data-disk", &[("state", disk_word(disk))]);
+
+    // Host folders are in place before dockerd, so containers that start
+    // with it (restart policies) find their bind mounts.
+    if !settings.shares.is_empty() {
+        let shares = settings.shares.clone();
+        let mounted = tokio::task::spawn_blocking(move || shares::mount_all(&shares))
+            .await
+            .unwrap_or(0);
+        console::milestone(
+            "shares",
+            &[
+                ("mounted", &mounted.to_string()),
+                ("of", &settings.shares.len().to_string()),
+            ],
+        );
+    }
 
     // dockerd starts with the network in place (its bridge avoids eth0's
     // subnet; containers copy its resolver).

@@ -32,7 +32,7 @@ pub enum ConfigError {
 
 /// Names `berth config get|set` accepts.
 pub const KEYS: &str =
-    "cpus, memory_mib, disk_gib, cmdline_extra, driver, switch_docker_context, log_max_mib, dns_servers";
+    "cpus, memory_mib, disk_gib, cmdline_extra, driver, switch_docker_context, log_max_mib, dns_servers, shares";
 
 /// Settings of one VM. Every field has a default, so a missing or partial
 /// file is fine.
@@ -58,6 +58,34 @@ pub struct Config {
     /// Nameservers that answer the guest's DNS queries (`IP` or
     /// `IP:port`), instead of the host's own from `/etc/resolv.conf`.
     pub dns_servers: Vec<String>,
+    /// Host folders shared into the VM at the same path (`PATH` or
+    /// `PATH:ro`). Unset: the home directory and the temp directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shares: Option<Vec<String>>,
+}
+
+/// The folders shared when `shares` is unset: the user's home and the
+/// system temp directory.
+pub fn default_shares() -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        v.push(home.to_string_lossy().trim_end_matches('/').to_owned());
+    }
+    let tmp = std::env::temp_dir();
+    let tmp = tmp.to_string_lossy().trim_end_matches('/').to_owned();
+    if !tmp.is_empty() && !v.contains(&tmp) {
+        v.push(tmp);
+    }
+    v.retain(|p| berth_proto::share::check_path(p).is_ok());
+    v
+}
+
+/// Splits `PATH[:ro]`.
+pub fn parse_share(s: &str) -> (&str, bool) {
+    match s.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (s, false),
+    }
 }
 
 /// A nameserver setting: `IP` (port 53) or `IP:port`, `[v6]:port`.
@@ -69,6 +97,27 @@ pub fn parse_dns_server(s: &str) -> Option<std::net::SocketAddr> {
 
 impl Config {
     /// The configured nameservers (validated on load).
+    /// The shared folders as the guest gets them (`share0`, `share1`, …),
+    /// leaving out folders that do not exist (or are not directories) now.
+    pub fn share_specs(&self) -> (Vec<berth_proto::share::ShareSpec>, Vec<String>) {
+        let list = self.shares.clone().unwrap_or_else(default_shares);
+        let mut specs = Vec::new();
+        let mut missing = Vec::new();
+        for s in &list {
+            let (path, read_only) = parse_share(s);
+            if !Path::new(path).is_dir() {
+                missing.push(path.to_owned());
+                continue;
+            }
+            specs.push(berth_proto::share::ShareSpec {
+                tag: format!("share{}", specs.len()),
+                path: path.to_owned(),
+                read_only,
+            });
+        }
+        (specs, missing)
+    }
+
     pub fn dns_server_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.dns_servers
             .iter()
@@ -88,6 +137,7 @@ impl Default for Config {
             switch_docker_context: true,
             log_max_mib: 8,
             dns_servers: Vec::new(),
+            shares: None,
         }
     }
 }
@@ -184,6 +234,26 @@ impl Config {
                 message: format!("{bad:?} is not an IP address or IP:port"),
             });
         }
+        if let Some(shares) = &self.shares {
+            let invalid = |message: String| ConfigError::Invalid {
+                key: "shares",
+                message,
+            };
+            if shares.len() > berth_proto::share::MAX_SHARES {
+                return Err(invalid(format!(
+                    "at most {} shared folders",
+                    berth_proto::share::MAX_SHARES
+                )));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for s in shares {
+                let (path, _) = parse_share(s);
+                berth_proto::share::check_path(path).map_err(|e| invalid(e.to_string()))?;
+                if !seen.insert(path) {
+                    return Err(invalid(format!("{path} is listed twice")));
+                }
+            }
+        }
         if self.cmdline_extra.len() > 1024
             || self
                 .cmdline_extra
@@ -208,6 +278,7 @@ impl Config {
             "switch_docker_context" => self.switch_docker_context.to_string(),
             "log_max_mib" => self.log_max_mib.to_string(),
             "dns_servers" => self.dns_servers.join(","),
+            "shares" => self.shares.clone().unwrap_or_else(default_shares).join(","),
             other => return Err(ConfigError::UnknownKey(other.to_owned())),
         })
     }
@@ -271,6 +342,30 @@ impl Config {
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned)
                     .collect();
+                Applies::NextStart
+            }
+            "shares" => {
+                next.shares = if value.trim() == "default" {
+                    None
+                } else {
+                    let list: Vec<String> = value
+                        .split(',')
+                        .map(|s| s.trim().trim_end_matches('/').to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    if let Some(missing) = list
+                        .iter()
+                        .map(|s| parse_share(s).0)
+                        .find(|p| !Path::new(p).is_dir())
+                    {
+                        return Err(ConfigError::Invalid {
+                            key: "shares",
+                            message: format!("{missing} is not a folder on this host"),
+                        });
+                    }
+                    Some(list)
+                };
+                // The devices are attached when the VM boots.
                 Applies::NextStart
             }
             "switch_docker_context" => {
@@ -349,5 +444,41 @@ mod tests {
         ));
         assert!(c.set("disk_gib", "32", Some(64)).is_err());
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn shares_default_to_home_and_temp_and_are_validated() {
+        let mut c = Config::default();
+        let (specs, _) = c.share_specs();
+        let tmp = std::env::temp_dir().display().to_string();
+        let tmp = tmp.trim_end_matches('/');
+        assert!(specs.iter().any(|s| s.path == tmp), "{specs:?}");
+        assert_eq!(specs[0].tag, "share0");
+        assert_eq!(
+            c.set("shares", &format!("{tmp}:ro"), None).unwrap(),
+            Applies::NextStart
+        );
+        let (specs, missing) = c.share_specs();
+        assert_eq!(
+            (specs.len(), specs[0].read_only, missing.len()),
+            (1, true, 0)
+        );
+        assert_eq!(c.get("shares").unwrap(), format!("{tmp}:ro"));
+        for bad in [
+            "relative/dir".to_owned(),
+            "/no/such/folder/here".to_owned(),
+            format!("{tmp},{tmp}"),
+            format!("{tmp}/../etc"),
+        ] {
+            let e = c.set("shares", &bad, None).unwrap_err().to_string();
+            assert!(e.contains("shares"), "{bad}: {e}");
+        }
+        c.set("shares", "", None).unwrap();
+        assert!(c.share_specs().0.is_empty());
+        c.set("shares", "default", None).unwrap();
+        assert_eq!(c.shares, None);
+        // A folder that went away is reported, not shared.
+        c.shares = Some(vec!["/no/such/folder/here".into()]);
+        assert_eq!(c.share_specs().1, vec!["/no/such/folder/here".to_owned()]);
     }
 }

@@ -127,6 +127,10 @@ impl StateDir {
     pub fn vhost_vsock_sock(&self) -> PathBuf {
         self.file("vhost-vsock.sock")
     }
+    /// The vhost-user socket of shared folder `i`'s backend.
+    pub fn vhost_fs_sock(&self, i: usize) -> PathBuf {
+        self.file(&format!("vhost-fs{i}.sock"))
+    }
     pub fn qemu_monitor(&self) -> PathBuf {
         self.file("qemu.monitor")
     }

@@ -68,6 +68,18 @@ pub struct Status {
     /// Ports the containers publish, forwarded from the host.
     #[serde(default)]
     pub forwards: Vec<crate::net::ports::ForwardStatus>,
+    /// Host folders shared into the running VM (virtio-fs).
+    #[serde(default)]
+    pub shares: Vec<ShareStatus>,
+}
+
+/// One shared folder as `berth status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareStatus {
+    pub path: String,
+    pub read_only: bool,
+    /// Why it is not shared (the folder is missing), if it is not.
+    pub error: Option<String>,
 }
 
 /// The guest's network as `berth status` shows it.
@@ -158,6 +170,7 @@ impl Status {
             last_stop: StopReport::load(state),
             network: None,
             forwards: Vec::new(),
+            shares: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod exec;
 mod frame;
 mod message;
 pub mod net;
+pub mod share;
 pub mod shutdown;
 
 #[cfg(feature = "tokio")]

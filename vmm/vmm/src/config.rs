@@ -29,9 +29,47 @@ pub struct VmConfig {
     pub vsock_max_conns: usize,
     /// A virtio-net device, its frames to the peer on this socket.
     pub net_socket: Option<PathBuf>,
+    /// virtio-fs devices, one per shared folder.
+    pub shares: Vec<ShareConfig>,
     /// Run even if the hypervisor probe says a stock Linux can't (tests on
     /// kvm_pvm with a kernel made for it).
     pub ignore_probe: bool,
+}
+
+/// One shared folder for a virtio-fs device.
+#[derive(Debug, Clone)]
+pub struct ShareConfig {
+    pub tag: String,
+    pub dir: PathBuf,
+    pub opts: berth_devices::virtio::fs::ShareOptions,
+}
+
+/// Parses `--share TAG=PATH[:ro]`.
+pub fn parse_share(
+    arg: &str,
+    opts: impl Fn(bool) -> berth_devices::virtio::fs::ShareOptions,
+) -> Result<ShareConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::Share {
+        arg: arg.to_owned(),
+        why: why.to_owned(),
+    };
+    let (tag, rest) = arg
+        .split_once('=')
+        .ok_or_else(|| bad("expected TAG=PATH"))?;
+    berth_devices::virtio::fs::check_tag(tag).map_err(|e| bad(&e.to_string()))?;
+    let (path, read_only) = match rest.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (rest, false),
+    };
+    let dir = PathBuf::from(path);
+    if !dir.is_dir() {
+        return Err(bad("the folder does not exist"));
+    }
+    Ok(ShareConfig {
+        tag: tag.to_owned(),
+        dir,
+        opts: opts(read_only),
+    })
 }
 
 /// A setting that can't work, said so that a user can fix it.
@@ -45,6 +83,8 @@ pub enum ConfigError {
         path: String,
         why: String,
     },
+    #[error("--share {arg}: {why}")]
+    Share { arg: String, why: String },
     #[error("--cpus must be between 1 and {max}, not {got}")]
     Cpus { got: u8, max: u8 },
     #[error("--memory must be between 128 MiB and {max} MiB (the host's memory), not {got} MiB")]
@@ -120,6 +160,7 @@ mod tests {
             guest_cid: 3,
             vsock_max_conns: 16,
             net_socket: None,
+            shares: Vec::new(),
             ignore_probe: false,
         }
     }

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a VM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Say whether this host's hypervisor can run a stock Linux guest.
     Probe,
     /// Serve a Berth device to an external VMM (QEMU) over vhost-user.
@@ -72,6 +72,10 @@ struct RunArgs {
     /// peer replaces the old one.
     #[arg(long)]
     net_socket: Option<PathBuf>,
+    /// Share a host folder: `TAG=PATH` (read-write) or `TAG=PATH:ro`; the
+    /// guest mounts it with `mount -t virtiofs TAG …`. Repeatable.
+    #[arg(long = "share", value_name = "TAG=PATH[:ro]")]
+    shares: Vec<String>,
     /// Serve the control API (HTTP + JSON) on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -106,6 +110,19 @@ enum VhostUserDevice {
         #[arg(long, default_value_t = 3)]
         guest_cid: u64,
     },
+    /// virtio-fs: one shared host folder (QEMU's vhost-user-fs-device
+    /// holds the tag).
+    Fs {
+        /// The vhost-user socket the VMM connects to.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The host folder to share.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Refuse every change (EROFS).
+        #[arg(long)]
+        read_only: bool,
+    },
 }
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
@@ -137,6 +154,24 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
+        Command::VhostUser(VhostUserDevice::Fs {
+            socket,
+            dir,
+            read_only,
+        }) => {
+            let opts = share_options(read_only, fd_limit);
+            tracing::info!(
+                "vhost-user fs: at most {} inodes held by the guest (open-file limit {fd_limit})",
+                opts.max_inodes
+            );
+            match vhost_user::fs::serve(&socket, &dir, opts) {
+                Ok(c) => {
+                    tracing::info!("vhost-user fs: VMM disconnected; {c:?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
         Command::Probe => match berth_hypervisor::Platform::new() {
             Ok(h) => {
                 let p = h.probe();
@@ -145,7 +180,7 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&format!("{e}. Check that /dev/kvm exists and that you may open it (e.g. add yourself to the kvm group).")),
         },
-        Command::Run(args) => run(args, fd_limit),
+        Command::Run(args) => run(*args, fd_limit),
     }
 }
 
@@ -164,6 +199,16 @@ fn raise_fd_limit() -> u64 {
 /// vsock connections this process can hold: one descriptor each.
 fn vsock_cap(fd_limit: u64) -> usize {
     berth_limits::fds::connection_cap(fd_limit, 1, berth_devices::virtio::vsock::MAX_CONNS)
+}
+
+/// How a share is served: the inodes the guest may hold are bounded by
+/// the descriptors this process has (one each), keeping some for the rest.
+fn share_options(read_only: bool, fd_limit: u64) -> berth_devices::virtio::fs::ShareOptions {
+    let spare = fd_limit.saturating_sub(256).max(64);
+    berth_devices::virtio::fs::ShareOptions {
+        read_only,
+        max_inodes: usize::try_from(spare).unwrap_or(usize::MAX),
+    }
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -186,9 +231,17 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
         guest_cid: a.guest_cid,
         vsock_max_conns: vsock_cap(fd_limit),
         net_socket: a.net_socket.clone(),
+        shares: Vec::new(),
         console_log_max: a.console_log_max,
         ignore_probe: a.ignore_probe,
     };
+    let mut cfg = cfg;
+    for arg in &a.shares {
+        match berth_vmm::config::parse_share(arg, |ro| share_options(ro, fd_limit)) {
+            Ok(s) => cfg.shares.push(s),
+            Err(e) => return fail(&e.to_string()),
+        }
+    }
     if let Err(e) = cfg.validate() {
         return fail(&e.to_string());
     }

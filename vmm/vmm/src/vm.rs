@@ -11,6 +11,7 @@ use berth_devices::legacy::i8042::{I8042Host, I8042};
 use berth_devices::legacy::serial::{ConsoleOut, IrqTrigger, SerialConsole};
 use berth_devices::virtio::blk::Block;
 use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
+use berth_devices::virtio::fs::{Fs, ShareFs};
 use berth_devices::virtio::mmio::{MmioTransport, INTERRUPT_STATUS};
 use berth_devices::virtio::net::{NetDevice, StreamBackend};
 use berth_devices::virtio::rng::Rng;
@@ -49,6 +50,8 @@ pub enum BuildError {
     Vsock(#[from] berth_devices::virtio::vsock::VsockError),
     #[error("cannot listen for the network peer on {0}: {1}")]
     Net(String, std::io::Error),
+    #[error("cannot share {0}: {1}")]
+    Share(String, std::io::Error),
     #[error("this host can't run a stock Linux guest: {0}")]
     Probe(String),
 }
@@ -343,6 +346,13 @@ where
     };
     if let Some(n) = &net {
         virtio.push(Box::new(n.clone()));
+    }
+    for share in &cfg.shares {
+        let fs = ShareFs::new(&share.dir, share.opts.clone())
+            .map_err(|e| BuildError::Share(share.dir.display().to_string(), e))?;
+        let dev = Fs::new(&share.tag, fs)
+            .map_err(|e| BuildError::Share(share.tag.clone(), std::io::Error::other(e)))?;
+        virtio.push(Box::new(dev));
     }
     let mut cmdline = cfg.cmdline.trim().to_owned();
     let mut mmio = Vec::new();

@@ -368,6 +368,21 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
         );
     }
     if s.state == VmState::Running {
+        if s.shares.is_empty() {
+            println!("shared folders: none (`berth config set shares PATH,…`)");
+        } else {
+            println!("shared folders:");
+        }
+        for sh in &s.shares {
+            match &sh.error {
+                Some(e) => println!("  {}: NOT SHARED: {e}", sh.path),
+                None => println!(
+                    "  {}{}",
+                    sh.path,
+                    if sh.read_only { " (read-only)" } else { "" }
+                ),
+            }
+        }
         if s.forwards.is_empty() {
             println!("ports:          none published");
         } else {

@@ -208,6 +208,9 @@ pub struct MachineSpec {
     /// The guest's network; its device listens on the state directory's
     /// `net.sock` for passt. `None`: no network device.
     pub net: Option<berth_proto::NetConfig>,
+    /// Host folders shared into the guest (virtio-fs), each mounted at the
+    /// same path; tags are `share0`, `share1`, … in this order.
+    pub shares: Vec<berth_proto::share::ShareSpec>,
 }
 
 impl MachineSpec {
@@ -222,9 +225,17 @@ impl MachineSpec {
             .as_ref()
             .map(|n| format!(" {}", n.cmdline_words()))
             .unwrap_or_default();
-        format!("{}{fresh}{net} {}", self.image.cmdline, self.cmdline_extra)
-            .trim()
-            .to_owned()
+        let shares: String = self
+            .shares
+            .iter()
+            .map(|s| format!(" {}", s.cmdline_word()))
+            .collect();
+        format!(
+            "{}{fresh}{net}{shares} {}",
+            self.image.cmdline, self.cmdline_extra
+        )
+        .trim()
+        .to_owned()
     }
 }
 

@@ -31,6 +31,41 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
             source,
         })?;
     wait_for_socket(&mut backend, &vhost, "berth-vmm vhost-user vsock").await?;
+    let mut helpers = vec![backend];
+    // One vhost-user fs backend per shared folder.
+    for (i, share) in spec.shares.iter().enumerate() {
+        let sock = st.vhost_fs_sock(i);
+        let _ = std::fs::remove_file(&sock);
+        let mut fs = tokio::process::Command::new(&vmm);
+        fs.args(["vhost-user", "fs", "--socket"])
+            .arg(&sock)
+            .arg("--dir")
+            .arg(&share.path);
+        if share.read_only {
+            fs.arg("--read-only");
+        }
+        let started = fs
+            .stdin(Stdio::null())
+            .stdout(log())
+            .stderr(log())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match started {
+            Ok(c) => c,
+            Err(source) => {
+                kill_all(&mut helpers).await;
+                return Err(DriverError::Spawn {
+                    what: "berth-vmm vhost-user fs",
+                    source,
+                });
+            }
+        };
+        if let Err(e) = wait_for_socket(&mut child, &sock, "berth-vmm vhost-user fs").await {
+            kill_all(&mut helpers).await;
+            return Err(e);
+        }
+        helpers.push(child);
+    }
 
     let mem = format!("{}M", spec.memory_mib);
     let mut cmd = tokio::process::Command::new(qemu);
@@ -47,6 +82,10 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
         "i8042",
         "-device",
         "virtio-rng-device",
+        // Modern (version 2) virtio-mmio for every device: vhost-user-fs
+        // needs it, and it is what berth-vmm implements.
+        "-global",
+        "virtio-mmio.force-legacy=false",
     ]);
     match accel {
         Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
@@ -98,6 +137,16 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
         ));
         cmd.args(["-device", "virtio-net-device,netdev=net0"]);
     }
+    for (i, share) in spec.shares.iter().enumerate() {
+        cmd.arg("-chardev").arg(format!(
+            "socket,id=fs{i},path={}",
+            st.vhost_fs_sock(i).display()
+        ));
+        cmd.arg("-device").arg(format!(
+            "vhost-user-fs-device,chardev=fs{i},tag={}",
+            share.tag
+        ));
+    }
     let disks = [(&spec.image.rootfs, true), (&st.data_disk(), false)];
     for (i, (path, ro)) in disks.iter().enumerate() {
         cmd.arg("-drive").arg(format!(
@@ -117,7 +166,7 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
     let main = match cmd.spawn() {
         Ok(c) => c,
         Err(source) => {
-            let _ = backend.kill().await;
+            kill_all(&mut helpers).await;
             return Err(DriverError::Spawn {
                 what: "qemu-system-x86_64",
                 source,
@@ -127,6 +176,12 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
     Ok(Machine {
         driver: Driver::Qemu(accel),
         main,
-        helpers: vec![backend],
+        helpers,
     })
+}
+
+async fn kill_all(children: &mut [tokio::process::Child]) {
+    for c in children {
+        let _ = c.kill().await;
+    }
 }

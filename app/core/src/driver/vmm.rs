@@ -26,6 +26,13 @@ pub fn run_args(spec: &MachineSpec) -> Vec<std::ffi::OsString> {
     if spec.net.is_some() {
         flag("--net-socket", st.net_sock().into());
     }
+    for share in &spec.shares {
+        let ro = if share.read_only { ":ro" } else { "" };
+        flag(
+            "--share",
+            format!("{}={}{ro}", share.tag, share.path).into(),
+        );
+    }
     a.insert(0, "run".into());
     a
 }

@@ -368,6 +368,25 @@ async fn lifecycle(
         events_listener,
         milestones.clone(),
     )));
+    let (shares, missing) = cfg.share_specs();
+    for m in &missing {
+        tracing::warn!("shared folder {m} does not exist on this host: not shared");
+    }
+    shared.update(|s| {
+        s.shares = shares
+            .iter()
+            .map(|sh| crate::status::ShareStatus {
+                path: sh.path.clone(),
+                read_only: sh.read_only,
+                error: None,
+            })
+            .chain(missing.iter().map(|m| crate::status::ShareStatus {
+                path: m.clone(),
+                read_only: false,
+                error: Some("the folder does not exist on this host".into()),
+            }))
+            .collect()
+    });
     let spec = MachineSpec {
         image,
         state: state.clone(),
@@ -377,6 +396,7 @@ async fn lifecycle(
         fresh_disk,
         console_log_max: log_max,
         net: Some(net.clone()),
+        shares,
     };
     shared.phase(VmState::Starting, &format!("starting the VM ({driver})"));
     let t0 = Instant::now();
@@ -504,7 +524,10 @@ async fn lifecycle(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take();
-    shared.update(|s| s.network = None);
+    shared.update(|s| {
+        s.network = None;
+        s.shares.clear();
+    });
     machine.stop_helpers().await;
     Ok(report)
 }

@@ -312,6 +312,18 @@ fn vmm_driver_arguments(ctx: &Ctx) {
         fresh_disk: true,
         console_log_max: 1 << 20,
         net: Some(berth_proto::NetConfig::berth_default(false)),
+        shares: vec![
+            berth_proto::share::ShareSpec {
+                tag: "share0".into(),
+                path: ctx.work.display().to_string(),
+                read_only: false,
+            },
+            berth_proto::share::ShareSpec {
+                tag: "share1".into(),
+                path: std::env::temp_dir().display().to_string(),
+                read_only: true,
+            },
+        ],
     };
     let args = run_args(&spec);
     let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name("berth-vmm");

@@ -2,6 +2,7 @@
 
 pub mod blk;
 pub mod device;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -9,3 +10,4 @@ pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod vsock;
+pub mod worker;

@@ -5,11 +5,11 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use berth_devices::virtio::device::read_config_window;
-use berth_devices::virtio::queue::{serve as serve_queue, Pass};
+use berth_devices::virtio::queue::Pass;
 use berth_devices::virtio::vsock::{Metrics, Vsock, FEATURES, NUM_QUEUES, QUEUE_SIZE};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::{Queue, QueueT};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
+use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -70,29 +70,17 @@ impl VsockBackend {
         })
     }
 
-    /// Serves one queue with `work` (see [`serve_queue`]), then notifies
-    /// the guest if needed, never while holding the vring lock.
+    /// Serves one queue with `work`, then notifies the guest if needed.
     fn run_queue(
         &mut self,
         vring: &VringRwLock,
         work: fn(&mut Vsock, &mut Queue, &GuestMemoryMmap) -> Pass,
     ) {
         let mem = self.mem.memory();
-        let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        if !queue.ready() {
-            return;
-        }
         let dev = &mut self.dev;
-        let notify = serve_queue(queue, &*mem, |q| work(dev, q, &mem));
-        drop(state);
-        if notify {
-            if let Err(e) = vring.signal_used_queue() {
-                if let Some(s) = self.notify_log.hit() {
-                    tracing::warn!("vsock: cannot notify the guest: {e}{s}");
-                }
-            }
-        }
+        super::serve_vring(vring, &mem, &mut self.notify_log, "vsock", |q| {
+            work(dev, q, &mem)
+        });
     }
 }
 

@@ -128,3 +128,13 @@ impl Engine {
         }
     }
 }
+
+impl crate::virtio::worker::QueueEngine for Engine {
+    fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Pass {
+        Engine::process(self, queue, mem)
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled
+    }
+}

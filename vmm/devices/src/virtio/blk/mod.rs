@@ -17,7 +17,6 @@
 mod engine;
 mod request;
 mod storage;
-mod worker;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +25,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::device::{read_config_window, QueueInterrupt, VirtioDevice};
+use super::worker::Worker;
 pub use engine::{Counters, Engine};
 pub use request::{RequestError, Status};
 pub use storage::{FileStorage, Storage};
@@ -104,7 +104,7 @@ impl From<&Counters> for BlockMetrics {
 #[derive(Debug)]
 pub struct Block {
     engine: Option<Engine>,
-    worker: Option<worker::Worker>,
+    worker: Option<Worker<Engine>>,
     counters: Arc<Counters>,
     read_only: bool,
     sectors: u64,
@@ -223,7 +223,7 @@ impl VirtioDevice for Block {
             return;
         };
         engine.writeback = self.acked & F_FLUSH != 0;
-        match worker::Worker::start(&self.name, engine, mem, queue, interrupt) {
+        match Worker::start(&format!("blk-{}", self.name), engine, mem, queue, interrupt) {
             Ok(w) => self.worker = Some(w),
             Err((engine, e)) => {
                 self.engine = engine;

@@ -1,5 +1,6 @@
-//! The thread a disk's requests run on. The transport only kicks it, so a
-//! slow host disk holds up neither the notifying vCPU nor the event loop.
+//! The thread a queue's requests run on. The transport only kicks it, so a
+//! slow host disk or file system holds up neither the notifying vCPU nor
+//! the event loop.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -9,12 +10,21 @@ use std::time::Duration;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::engine::Engine;
 use crate::virtio::device::QueueInterrupt;
-use crate::virtio::queue::serve;
+use crate::virtio::queue::{serve, Pass};
 
-/// How often a request that found the host disk full is retried.
-const FULL_RETRY: Duration = Duration::from_secs(1);
+/// How often an engine that could not finish (a full host disk) is retried.
+const STALL_RETRY: Duration = Duration::from_secs(1);
+
+/// The work done on one queue: what a [`Worker`] runs.
+pub trait QueueEngine: Send + 'static {
+    /// One pass over the available chains.
+    fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Pass;
+    /// The last pass left requests it must retry later.
+    fn stalled(&self) -> bool {
+        false
+    }
+}
 
 enum Msg {
     Notify,
@@ -23,26 +33,27 @@ enum Msg {
 
 /// A running worker; [`Worker::stop`] gives the engine back.
 #[derive(Debug)]
-pub struct Worker {
+pub struct Worker<E> {
     tx: mpsc::Sender<Msg>,
-    thread: JoinHandle<Option<Engine>>,
+    thread: JoinHandle<Option<E>>,
 }
 
-impl Worker {
+impl<E: QueueEngine> Worker<E> {
+    /// Starts thread `name` serving `queue` with `engine`.
     pub fn start(
         name: &str,
-        engine: Engine,
+        engine: E,
         mem: GuestMemoryMmap,
         queue: Queue,
         irq: QueueInterrupt,
-    ) -> Result<Worker, (Option<Engine>, std::io::Error)> {
+    ) -> Result<Worker<E>, (Option<E>, std::io::Error)> {
         let (tx, rx) = mpsc::channel();
         // The thread takes the engine from a slot, so that if it cannot be
         // created the engine is still here to give back.
         let slot = Arc::new(Mutex::new(Some(engine)));
         let for_thread = slot.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("blk-{name}"))
+            .name(name.to_owned())
             .spawn(move || {
                 let engine = for_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
                 engine.map(|e| run(e, mem, queue, irq, rx))
@@ -59,19 +70,19 @@ impl Worker {
     }
 
     /// Ends the thread after the request in progress; `None` if it died.
-    pub fn stop(self) -> Option<Engine> {
+    pub fn stop(self) -> Option<E> {
         let _ = self.tx.send(Msg::Stop);
         self.thread.join().ok().flatten()
     }
 }
 
-fn run(
-    mut engine: Engine,
+fn run<E: QueueEngine>(
+    mut engine: E,
     mem: GuestMemoryMmap,
     mut queue: Queue,
     irq: QueueInterrupt,
     rx: mpsc::Receiver<Msg>,
-) -> Engine {
+) -> E {
     loop {
         match rx.recv() {
             Ok(Msg::Notify) => {}
@@ -92,7 +103,7 @@ fn run(
             if !engine.stalled() {
                 break;
             }
-            match rx.recv_timeout(FULL_RETRY) {
+            match rx.recv_timeout(STALL_RETRY) {
                 Ok(Msg::Notify) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return engine,
             }

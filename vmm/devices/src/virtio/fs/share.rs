@@ -1,0 +1,728 @@
+//! One shared host folder as the guest sees it: `fuse-backend-rs`'s
+//! passthrough file system behind a layer that keeps the guest inside the
+//! share and keeps the guest's idea of ownership off the host.
+//!
+//! * **Ownership.** Every host operation runs with the server's own
+//!   credentials, so whatever a container creates belongs to the host user
+//!   running Berth. The owner the guest asked for (at creation, or with
+//!   `chown`) is kept in the `user.berth.owner` extended attribute
+//!   (`"uid:gid"`) and shown to the guest in place of the host owner; the
+//!   host file's owner never changes. Where the host file system has no
+//!   user xattrs (or on a symlink, which cannot carry them), the guest's
+//!   view lives in memory until the share is served again.
+//! * **Confinement.** Names with `/`, `.` and `..` are refused (the
+//!   passthrough resolves every name with `openat(O_NOFOLLOW)` relative to
+//!   its parent's descriptor, so a symlink is never followed on the host);
+//!   a symlink inode is never opened or truncated; device nodes cannot be
+//!   created; setuid and setgid bits never reach the host; the guest's own
+//!   xattr requests are answered "not supported", so it can neither read
+//!   nor forge ours (nor set file capabilities).
+//! * **Bounds.** At most `max_inodes` inodes (each holds a host
+//!   descriptor) are known at once; lookups beyond fail with `ENFILE`.
+//! * A read-only share refuses every change with `EROFS`.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
+    SetattrValid, ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
+};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+/// The extended attribute holding the guest's view of a file's owner.
+pub const OWNER_XATTR: &str = "user.berth.owner";
+const OWNER_XATTR_C: &CStr = c"user.berth.owner";
+
+/// How long the guest may cache attributes and names. Host edits reach the
+/// guest within this time (and at once for a file opened after them: the
+/// `auto` cache policy drops a file's cached pages when it is opened with a
+/// changed size or mtime).
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const SUID_SGID: u32 = libc::S_ISUID | libc::S_ISGID;
+
+/// How a share is served.
+#[derive(Debug, Clone)]
+pub struct ShareOptions {
+    pub read_only: bool,
+    /// Most inodes the guest may hold at once (each costs a descriptor).
+    pub max_inodes: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    /// `S_IFMT` bits of the host file.
+    kind: u32,
+    /// The guest's view of the owner, if it differs from the host's.
+    owner: Option<(u32, u32)>,
+    /// Lookups the guest has not forgotten yet.
+    refs: u64,
+}
+
+/// A shared folder, ready for a FUSE server.
+pub struct ShareFs {
+    inner: PassthroughFs<()>,
+    opts: ShareOptions,
+    nodes: Mutex<HashMap<u64, Node>>,
+    log: Mutex<berth_limits::RateLimiter>,
+}
+
+impl std::fmt::Debug for ShareFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareFs").field("opts", &self.opts).finish()
+    }
+}
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// The context every host operation runs with: the server's own
+/// credentials (uid/gid 0 tells the passthrough not to switch).
+fn host_ctx(ctx: &Context) -> Context {
+    Context {
+        uid: 0,
+        gid: 0,
+        pid: ctx.pid,
+    }
+}
+
+/// Refuses a name that is not one plain path component.
+fn check_name(name: &CStr) -> io::Result<()> {
+    let b = name.to_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(err(libc::EINVAL));
+    }
+    Ok(())
+}
+
+fn parse_owner(v: &[u8]) -> Option<(u32, u32)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (u, g) = s.trim().split_once(':')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+impl ShareFs {
+    /// Serves the folder `root` (which must exist and be a directory).
+    pub fn new(root: &Path, opts: ShareOptions) -> io::Result<ShareFs> {
+        let meta = std::fs::metadata(root)?;
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        let cfg = Config {
+            root_dir: root.to_string_lossy().into_owned(),
+            cache_policy: CachePolicy::Auto,
+            attr_timeout: CACHE_TIMEOUT,
+            entry_timeout: CACHE_TIMEOUT,
+            // Needed for our own owner attribute; the guest's xattr
+            // requests are refused before they get here.
+            xattr: true,
+            writeback: false,
+            do_import: true,
+            ..Default::default()
+        };
+        Ok(ShareFs {
+            inner: PassthroughFs::new(cfg)?,
+            opts,
+            nodes: Mutex::new(HashMap::new()),
+            log: Mutex::new(berth_limits::RateLimiter::default()),
+        })
+    }
+
+    /// How many inodes the guest holds now.
+    pub fn inodes(&self) -> usize {
+        self.nodes.lock().map(|n| n.len()).unwrap_or(0)
+    }
+
+    fn warn(&self, what: std::fmt::Arguments<'_>) {
+        if let Ok(mut l) = self.log.lock() {
+            if let Some(s) = l.hit() {
+                tracing::warn!("virtio-fs: {what}{s}");
+            }
+        }
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.opts.read_only {
+            return Err(err(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    fn kind(&self, inode: u64) -> Option<u32> {
+        self.nodes.lock().ok()?.get(&inode).map(|n| n.kind)
+    }
+
+    /// Reads the owner attribute of a file or directory.
+    fn read_owner(&self, inode: u64, kind: u32) -> Option<(u32, u32)> {
+        if kind == libc::S_IFLNK {
+            return None;
+        }
+        match self
+            .inner
+            .getxattr(&Context::new(), inode, OWNER_XATTR_C, 64)
+        {
+            Ok(GetxattrReply::Value(v)) => parse_owner(&v),
+            _ => None,
+        }
+    }
+
+    /// Records the guest's view of `inode`'s owner: in the xattr where the
+    /// host allows it, in memory in any case.
+    fn write_owner(&self, inode: u64, kind: u32, owner: (u32, u32)) {
+        if kind != libc::S_IFLNK {
+            let v = format!("{}:{}", owner.0, owner.1);
+            if let Err(e) =
+                self.inner
+                    .setxattr(&Context::new(), inode, OWNER_XATTR_C, v.as_bytes(), 0)
+            {
+                self.warn(format_args!(
+                    "cannot keep the guest's owner {v} in {OWNER_XATTR} ({e}); it lasts until the share is served again"
+                ));
+            }
+        }
+        if let Ok(mut nodes) = self.nodes.lock() {
+            if let Some(n) = nodes.get_mut(&inode) {
+                n.owner = Some(owner);
+            }
+        }
+    }
+
+    /// The guest's view of an attribute block.
+    fn show(attr: &mut stat64, owner: Option<(u32, u32)>) {
+        if let Some((u, g)) = owner {
+            attr.st_uid = u;
+            attr.st_gid = g;
+        }
+    }
+
+    /// The node an entry names, loaded if new, without taking a reference.
+    fn peek(&self, entry: &Entry) -> io::Result<Node> {
+        let known = self
+            .nodes
+            .lock()
+            .map_err(|_| err(libc::EIO))?
+            .get(&entry.inode)
+            .copied();
+        if let Some(n) = known {
+            return Ok(n);
+        }
+        let kind = entry.attr.st_mode & libc::S_IFMT;
+        Ok(Node {
+            kind,
+            owner: self.read_owner(entry.inode, kind),
+            refs: 0,
+        })
+    }
+
+    /// Counts one more guest reference to the entry's inode.
+    fn hold(&self, entry: &Entry, node: Node) {
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes
+                .entry(entry.inode)
+                .or_insert(Node { refs: 0, ..node })
+                .refs += 1;
+        }
+    }
+
+    /// A new entry for the guest: bounded, shown with the guest's owner,
+    /// and counted.
+    fn admit(&self, mut entry: Entry) -> io::Result<Entry> {
+        if entry.inode == 0 {
+            return Ok(entry);
+        }
+        let node = self.peek(&entry)?;
+        if node.refs == 0 && self.inodes() >= self.opts.max_inodes {
+            // Undo the passthrough's own lookup count.
+            self.inner.forget(&Context::new(), entry.inode, 1);
+            return Err(self.full());
+        }
+        Self::show(&mut entry.attr, node.owner);
+        self.hold(&entry, node);
+        Ok(entry)
+    }
+
+    fn full(&self) -> io::Error {
+        self.warn(format_args!(
+            "the guest holds {} inodes, the most allowed: refusing more (ENFILE)",
+            self.opts.max_inodes
+        ));
+        err(libc::ENFILE)
+    }
+
+    fn release_refs(&self, inode: u64, count: u64) {
+        if inode == ROOT_ID {
+            return;
+        }
+        if let Ok(mut nodes) = self.nodes.lock() {
+            if let Some(n) = nodes.get_mut(&inode) {
+                n.refs = n.refs.saturating_sub(count);
+                if n.refs == 0 {
+                    nodes.remove(&inode);
+                }
+            }
+        }
+    }
+
+    /// After creating `entry` for a guest caller: keep the caller's
+    /// identity as the guest's view of the owner.
+    fn created(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        let entry = self.admit(entry)?;
+        let kind = entry.attr.st_mode & libc::S_IFMT;
+        let mut entry = entry;
+        if (ctx.uid, ctx.gid) != (entry.attr.st_uid, entry.attr.st_gid) {
+            self.write_owner(entry.inode, kind, (ctx.uid, ctx.gid));
+            Self::show(&mut entry.attr, Some((ctx.uid, ctx.gid)));
+        }
+        Ok(entry)
+    }
+
+    fn owner_of(&self, inode: u64) -> Option<(u32, u32)> {
+        self.nodes.lock().ok()?.get(&inode).and_then(|n| n.owner)
+    }
+
+    /// Refuses to open a symlink inode: the guest resolves symlinks
+    /// itself, and opening one on the host could follow it.
+    fn not_symlink(&self, inode: u64) -> io::Result<()> {
+        if self.kind(inode) == Some(libc::S_IFLNK) {
+            return Err(err(libc::ELOOP));
+        }
+        Ok(())
+    }
+}
+
+fn wants_write(flags: u32) -> bool {
+    let f = flags as i32;
+    (f & libc::O_ACCMODE) != libc::O_RDONLY || f & libc::O_TRUNC != 0
+}
+
+impl FileSystem for ShareFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        if let Ok(mut n) = self.nodes.lock() {
+            n.clear();
+        }
+        self.inner.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy();
+        if let Ok(mut n) = self.nodes.lock() {
+            n.clear();
+        }
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        check_name(name)?;
+        let entry = self.inner.lookup(&host_ctx(ctx), parent, name)?;
+        self.admit(entry)
+    }
+
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.release_refs(inode, count);
+        self.inner.forget(&host_ctx(ctx), inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, count) in &requests {
+            self.release_refs(*inode, *count);
+        }
+        self.inner.batch_forget(&host_ctx(ctx), requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        let (mut attr, t) = self.inner.getattr(&host_ctx(ctx), inode, handle)?;
+        Self::show(&mut attr, self.owner_of(inode));
+        Ok((attr, t))
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        mut attr: stat64,
+        handle: Option<u64>,
+        mut valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.writable()?;
+        let kind = self.kind(inode);
+        if kind == Some(libc::S_IFLNK) && valid.intersects(SetattrValid::SIZE | SetattrValid::MODE)
+        {
+            return Err(err(libc::EOPNOTSUPP));
+        }
+        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+            let (mut cur, _) = self.getattr(ctx, inode, handle)?;
+            if valid.contains(SetattrValid::UID) {
+                cur.st_uid = attr.st_uid;
+            }
+            if valid.contains(SetattrValid::GID) {
+                cur.st_gid = attr.st_gid;
+            }
+            let kind = kind.unwrap_or(cur.st_mode & libc::S_IFMT);
+            self.write_owner(inode, kind, (cur.st_uid, cur.st_gid));
+            valid.remove(SetattrValid::UID | SetattrValid::GID);
+        }
+        if valid.contains(SetattrValid::MODE) {
+            attr.st_mode &= !SUID_SGID;
+        }
+        let (mut out, t) = if valid.is_empty() {
+            self.inner.getattr(&host_ctx(ctx), inode, handle)?
+        } else {
+            self.inner
+                .setattr(&host_ctx(ctx), inode, attr, handle, valid)?
+        };
+        Self::show(&mut out, self.owner_of(inode));
+        Ok((out, t))
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.inner.readlink(&host_ctx(ctx), inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        check_name(name)?;
+        let e = self.inner.symlink(&host_ctx(ctx), linkname, parent, name)?;
+        self.created(ctx, e)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        check_name(name)?;
+        match mode & libc::S_IFMT {
+            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
+            _ => return Err(err(libc::EPERM)),
+        }
+        let e = self
+            .inner
+            .mknod(&host_ctx(ctx), parent, name, mode & !SUID_SGID, rdev, umask)?;
+        self.created(ctx, e)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        check_name(name)?;
+        let e = self
+            .inner
+            .mkdir(&host_ctx(ctx), parent, name, mode & !SUID_SGID, umask)?;
+        self.created(ctx, e)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        check_name(name)?;
+        self.inner.unlink(&host_ctx(ctx), parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        check_name(name)?;
+        self.inner.rmdir(&host_ctx(ctx), parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        check_name(oldname)?;
+        check_name(newname)?;
+        // RENAME_WHITEOUT creates a device node.
+        if flags & libc::RENAME_WHITEOUT != 0 {
+            return Err(err(libc::EPERM));
+        }
+        self.inner
+            .rename(&host_ctx(ctx), olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.writable()?;
+        check_name(newname)?;
+        let e = self.inner.link(&host_ctx(ctx), inode, newparent, newname)?;
+        self.admit(e)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        self.not_symlink(inode)?;
+        if wants_write(flags) {
+            self.writable()?;
+        }
+        self.inner.open(&host_ctx(ctx), inode, flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mut args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.writable()?;
+        check_name(name)?;
+        args.mode &= !SUID_SGID;
+        let (e, h, o, p) = self.inner.create(&host_ctx(ctx), parent, name, args)?;
+        match self.created(ctx, e) {
+            Ok(e) => Ok((e, h, o, p)),
+            Err(x) => {
+                if let Some(h) = h {
+                    let _ = self
+                        .inner
+                        .release(&host_ctx(ctx), e.inode, 0, h, false, false, None);
+                }
+                Err(x)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner.read(
+            &host_ctx(ctx),
+            inode,
+            handle,
+            w,
+            size,
+            offset,
+            lock_owner,
+            flags,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.writable()?;
+        self.inner.write(
+            &host_ctx(ctx),
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(&host_ctx(ctx), inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsync(&host_ctx(ctx), inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner
+            .fallocate(&host_ctx(ctx), inode, handle, mode, offset, length)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner.release(
+            &host_ctx(ctx),
+            inode,
+            flags,
+            handle,
+            flush,
+            flock_release,
+            lock_owner,
+        )
+    }
+
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        self.inner.statfs(&host_ctx(ctx), inode)
+    }
+
+    // The guest's own extended attributes are not supported: the kernel
+    // stops asking after the first ENOSYS, and the owner attribute (and
+    // file capabilities) stay out of its reach.
+    fn setxattr(&self, _: &Context, _: u64, _: &CStr, _: &[u8], _: u32) -> io::Result<()> {
+        Err(err(libc::ENOSYS))
+    }
+
+    fn getxattr(&self, _: &Context, _: u64, _: &CStr, _: u32) -> io::Result<GetxattrReply> {
+        Err(err(libc::ENOSYS))
+    }
+
+    fn listxattr(&self, _: &Context, _: u64, _: u32) -> io::Result<ListxattrReply> {
+        Err(err(libc::ENOSYS))
+    }
+
+    fn removexattr(&self, _: &Context, _: u64, _: &CStr) -> io::Result<()> {
+        Err(err(libc::ENOSYS))
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.not_symlink(inode)?;
+        self.inner.opendir(&host_ctx(ctx), inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(&host_ctx(ctx), inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut add = |d: DirEntry, mut e: Entry| -> io::Result<usize> {
+            if e.inode == 0 {
+                return add_entry(d, e);
+            }
+            let node = self.peek(&e)?;
+            if node.refs == 0 && self.inodes() >= self.opts.max_inodes {
+                // An error leaves the passthrough's own count to us.
+                self.inner.forget(&Context::new(), e.inode, 1);
+                return Err(self.full());
+            }
+            Self::show(&mut e.attr, node.owner);
+            let n = add_entry(d, e)?;
+            if n > 0 {
+                self.hold(&e, node);
+            }
+            Ok(n)
+        };
+        self.inner
+            .readdirplus(&host_ctx(ctx), inode, handle, size, offset, &mut add)
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsyncdir(&host_ctx(ctx), inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.inner.releasedir(&host_ctx(ctx), inode, flags, handle)
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            self.writable()?;
+        }
+        self.inner.access(&host_ctx(ctx), inode, mask)
+    }
+
+    // Locks are not forwarded (getlk/setlk stay ENOSYS and INIT does not
+    // offer POSIX locks): the guest kernel keeps flock and fcntl locks
+    // itself, between the guest's processes, as on a local disk.
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner
+            .lseek(&host_ctx(ctx), inode, handle, offset, whence)
+    }
+}

@@ -1,0 +1,658 @@
+//! The FUSE server driven in-process through a test queue, as a hostile
+//! guest would drive it: every test checks that nothing outside the
+//! scratch share was read or written.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    Attr, AttrOut, CreateIn, EntryOut, ForgetIn, InHeader, InitIn, MkdirIn, MknodIn, OpenIn,
+    OpenOut, OutHeader, ReadIn, ReleaseIn, SetattrIn, WriteIn,
+};
+use fuse_backend_rs::api::server::Server;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::Queue;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::virtio::testing::TestQueue;
+
+const REQ: u64 = 0x10000;
+const REPLY: u64 = 0x100000;
+const REPLY_LEN: u32 = 0x40000;
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+const LOOKUP: u32 = 1;
+const FORGET: u32 = 2;
+const GETATTR: u32 = 3;
+const SETATTR: u32 = 4;
+const READLINK: u32 = 5;
+const MKNOD: u32 = 8;
+const MKDIR: u32 = 9;
+const OPEN: u32 = 14;
+const READ: u32 = 15;
+const WRITE_OP: u32 = 16;
+const RELEASE: u32 = 18;
+const SETXATTR: u32 = 21;
+const GETXATTR: u32 = 22;
+const INIT: u32 = 26;
+const CREATE: u32 = 35;
+
+const FATTR_MODE: u32 = 1;
+const FATTR_UID: u32 = 2;
+const FATTR_GID: u32 = 4;
+const FATTR_SIZE: u32 = 8;
+
+/// A scratch directory: `share/` is served, `outside/` must stay as it was.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("berth-fs-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("share/sub")).unwrap();
+        fs::create_dir_all(dir.join("outside")).unwrap();
+        fs::write(dir.join("outside/secret"), b"host secret").unwrap();
+        fs::write(dir.join("share/hello"), b"hello from the host").unwrap();
+        std::os::unix::fs::symlink(dir.join("outside"), dir.join("share/abs")).unwrap();
+        std::os::unix::fs::symlink("../outside/secret", dir.join("share/rel")).unwrap();
+        Scratch { dir }
+    }
+
+    fn share(&self) -> PathBuf {
+        self.dir.join("share")
+    }
+
+    /// Names, sizes, modes and contents under `outside/`.
+    fn outside(&self) -> Vec<(String, u64, u32, Vec<u8>)> {
+        let mut v: Vec<_> = fs::read_dir(self.dir.join("outside"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = fs::symlink_metadata(e.path()).unwrap();
+                let data = if m.is_file() {
+                    fs::read(e.path()).unwrap()
+                } else {
+                    Vec::new()
+                };
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    m.len(),
+                    m.mode(),
+                    data,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A guest: a request queue and the server's engine.
+struct Guest {
+    mem: GuestMemoryMmap,
+    vq: TestQueue,
+    queue: Queue,
+    engine: FsEngine,
+    counters: Arc<FsCounters>,
+    unique: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+struct Reply {
+    error: i32,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn ok(self) -> Vec<u8> {
+        assert_eq!(self.error, 0, "request failed: errno {}", -self.error);
+        self.body
+    }
+
+    fn errno(&self) -> i32 {
+        -self.error
+    }
+
+    fn entry(self) -> EntryOut {
+        let b = self.ok();
+        *EntryOut::from_slice(&b[..std::mem::size_of::<EntryOut>()]).unwrap()
+    }
+
+    fn attr(self) -> Attr {
+        let b = self.ok();
+        AttrOut::from_slice(&b[..std::mem::size_of::<AttrOut>()])
+            .unwrap()
+            .attr
+    }
+}
+
+fn obj<T: ByteValued>(v: T) -> Vec<u8> {
+    v.as_slice().to_vec()
+}
+
+fn name(s: &str) -> Vec<u8> {
+    CString::new(s).unwrap().into_bytes_with_nul()
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+impl Guest {
+    fn new(share: &Path, opts: ShareOptions) -> Guest {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let vq = TestQueue::new(&mem, GuestAddress(0), 16);
+        let queue = vq.queue();
+        let fs = ShareFs::new(share, opts).unwrap();
+        let counters = Arc::new(FsCounters::default());
+        let engine = FsEngine::new(Arc::new(Server::new(Arc::new(fs))), counters.clone());
+        let mut g = Guest {
+            mem,
+            vq,
+            queue,
+            engine,
+            counters,
+            unique: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let init = InitIn {
+            major: 7,
+            minor: 31,
+            max_readahead: 1 << 17,
+            flags: 0,
+        };
+        g.call(INIT, 0, &obj(init)).ok();
+        g
+    }
+
+    fn serve(&mut self) {
+        let mem = self.mem.clone();
+        self.engine.process(&mut self.queue, &mem);
+    }
+
+    /// Sends a raw chain: `descs` are (addr, len, flags) with NEXT links.
+    fn raw(&mut self, descs: &[(u64, u32, u16)]) -> (u16, u32) {
+        let before = self.vq.used_idx(&self.mem);
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let next = if i + 1 < descs.len() { i as u16 + 1 } else { 0 };
+            let f = if i + 1 < descs.len() {
+                flags | NEXT
+            } else {
+                *flags
+            };
+            self.vq.set_desc(
+                &self.mem,
+                i as u16,
+                RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+                    *addr, *len, f, next,
+                )),
+            );
+        }
+        self.vq.offer(&self.mem, 0);
+        self.serve();
+        let after = self.vq.used_idx(&self.mem);
+        assert_eq!(after, before.wrapping_add(1), "the chain was not completed");
+        let (head, len) = self.vq.used_elem(&self.mem, before);
+        (head as u16, len)
+    }
+
+    fn call_as(&mut self, uid: u32, gid: u32, opcode: u32, nodeid: u64, body: &[u8]) -> Reply {
+        self.unique += 1;
+        let hdr = InHeader {
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode,
+            unique: self.unique,
+            nodeid,
+            uid,
+            gid,
+            pid: 1,
+            ..Default::default()
+        };
+        let req = cat(&[hdr.as_slice(), body]);
+        self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let (_, len) = self.raw(&[(REQ, req.len() as u32, 0), (REPLY, REPLY_LEN, WRITE)]);
+        let mut out = vec![0u8; len as usize];
+        self.mem.read_slice(&mut out, GuestAddress(REPLY)).unwrap();
+        if opcode == FORGET {
+            return Reply {
+                error: 0,
+                body: Vec::new(),
+            };
+        }
+        let oh = *OutHeader::from_slice(&out[..16]).unwrap();
+        assert_eq!(oh.unique, self.unique);
+        Reply {
+            error: oh.error,
+            body: out[16..].to_vec(),
+        }
+    }
+
+    fn call(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> Reply {
+        self.call_as(self.uid, self.gid, opcode, nodeid, body)
+    }
+
+    fn lookup(&mut self, parent: u64, n: &str) -> Reply {
+        self.call(LOOKUP, parent, &name(n))
+    }
+
+    fn forget(&mut self, node: u64, n: u64) {
+        self.call(FORGET, node, &obj(ForgetIn { nlookup: n }));
+    }
+
+    fn getattr(&mut self, node: u64) -> Reply {
+        self.call(GETATTR, node, &[0u8; 16])
+    }
+
+    fn setattr(&mut self, node: u64, s: SetattrIn) -> Reply {
+        self.call(SETATTR, node, &obj(s))
+    }
+
+    fn open(&mut self, node: u64, flags: i32) -> Reply {
+        self.call(
+            OPEN,
+            node,
+            &obj(OpenIn {
+                flags: flags as u32,
+                fuse_flags: 0,
+            }),
+        )
+    }
+
+    fn fh(r: Reply) -> u64 {
+        let b = r.ok();
+        OpenOut::from_slice(&b[..std::mem::size_of::<OpenOut>()])
+            .unwrap()
+            .fh
+    }
+
+    fn create(&mut self, parent: u64, n: &str, mode: u32) -> Reply {
+        let c = CreateIn {
+            flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+            mode: libc::S_IFREG | mode,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        self.call(CREATE, parent, &cat(&[c.as_slice(), &name(n)]))
+    }
+
+    fn read(&mut self, node: u64, fh: u64, size: u32) -> Reply {
+        let r = ReadIn {
+            fh,
+            offset: 0,
+            size,
+            ..Default::default()
+        };
+        self.call(READ, node, &obj(r))
+    }
+
+    fn write(&mut self, node: u64, fh: u64, data: &[u8]) -> Reply {
+        let w = WriteIn {
+            fh,
+            offset: 0,
+            size: data.len() as u32,
+            ..Default::default()
+        };
+        self.call(WRITE_OP, node, &cat(&[w.as_slice(), data]))
+    }
+
+    fn release(&mut self, node: u64, fh: u64) -> Reply {
+        let r = ReleaseIn {
+            fh,
+            ..Default::default()
+        };
+        self.call(RELEASE, node, &obj(r))
+    }
+}
+
+fn opts() -> ShareOptions {
+    ShareOptions {
+        read_only: false,
+        max_inodes: 1000,
+    }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+#[test]
+fn files_created_by_a_guest_user_belong_to_the_host_user_on_the_host() {
+    let s = Scratch::new("owner");
+    let before = s.outside();
+    let mut g = Guest::new(&s.share(), opts());
+    g.uid = 999;
+    g.gid = 998;
+    let r = g.create(1, "made-in-guest", 0o640);
+    let b = r.ok();
+    let e = *EntryOut::from_slice(&b[..std::mem::size_of::<EntryOut>()]).unwrap();
+    let fh = OpenOut::from_slice(&b[std::mem::size_of::<EntryOut>()..][..16])
+        .unwrap()
+        .fh;
+    assert_eq!(
+        (e.attr.uid, e.attr.gid),
+        (999, 998),
+        "the guest sees its owner"
+    );
+    assert_eq!(g.write(e.nodeid, fh, b"written in the guest").errno(), 0);
+    g.release(e.nodeid, fh).ok();
+    let host = s.share().join("made-in-guest");
+    let m = fs::metadata(&host).unwrap();
+    assert_eq!(
+        m.uid(),
+        euid(),
+        "the host file belongs to the server's user"
+    );
+    assert_eq!(fs::read(&host).unwrap(), b"written in the guest");
+    // The guest's view survives the inode being forgotten and looked up
+    // again (it is kept in the xattr).
+    g.forget(e.nodeid, 1);
+    let again = g.lookup(1, "made-in-guest").entry();
+    assert_eq!((again.attr.uid, again.attr.gid), (999, 998));
+    assert_eq!(s.outside(), before);
+}
+
+#[test]
+fn chown_and_chmod_change_the_guest_view_not_the_host_owner() {
+    let s = Scratch::new("chown");
+    let mut g = Guest::new(&s.share(), opts());
+    let host = s.share().join("hello");
+    let host_before = fs::metadata(&host).unwrap();
+    let e = g.lookup(1, "hello").entry();
+    let a = g
+        .setattr(
+            e.nodeid,
+            SetattrIn {
+                valid: FATTR_UID | FATTR_GID,
+                uid: 70,
+                gid: 71,
+                ..Default::default()
+            },
+        )
+        .attr();
+    assert_eq!((a.uid, a.gid), (70, 71));
+    assert_eq!(g.getattr(e.nodeid).attr().uid, 70);
+    let after = fs::metadata(&host).unwrap();
+    assert_eq!(
+        (after.uid(), after.gid()),
+        (host_before.uid(), host_before.gid())
+    );
+    // chmod reaches the host, but never a setuid or setgid bit.
+    let a = g
+        .setattr(
+            e.nodeid,
+            SetattrIn {
+                valid: FATTR_MODE,
+                mode: libc::S_IFREG | 0o6755,
+                ..Default::default()
+            },
+        )
+        .attr();
+    assert_eq!(a.mode & 0o7777, 0o755);
+    assert_eq!(
+        fs::metadata(&host).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    // Directories too: a database entrypoint chowns its data directory.
+    let d = g.lookup(1, "sub").entry();
+    let a = g
+        .setattr(
+            d.nodeid,
+            SetattrIn {
+                valid: FATTR_UID | FATTR_GID,
+                uid: 999,
+                gid: 999,
+                ..Default::default()
+            },
+        )
+        .attr();
+    assert_eq!(a.uid, 999);
+    assert_eq!(fs::metadata(s.share().join("sub")).unwrap().uid(), euid());
+}
+
+#[test]
+fn names_that_are_not_one_component_are_refused() {
+    let s = Scratch::new("names");
+    let before = s.outside();
+    let mut g = Guest::new(&s.share(), opts());
+    for bad in ["..", ".", "../outside", "sub/../../outside", ""] {
+        let r = g.lookup(1, bad);
+        assert_ne!(r.errno(), 0, "lookup of {bad:?} must fail");
+    }
+    // `..` below the root is refused as well, so no walk climbs out.
+    let sub = g.lookup(1, "sub").entry();
+    assert_eq!(g.lookup(sub.nodeid, "..").errno(), libc::EINVAL);
+    // A name with a NUL inside ends at the NUL: "hello\0../x" is "hello".
+    let r = g.call(LOOKUP, 1, b"hello\0../outside/secret\0");
+    assert_eq!(r.entry().attr.size, 19);
+    assert_eq!(g.create(1, "../escape", 0o644).errno(), libc::EINVAL);
+    assert_eq!(
+        g.call(
+            MKDIR,
+            1,
+            &cat(&[
+                MkdirIn {
+                    mode: 0o755,
+                    umask: 0
+                }
+                .as_slice(),
+                &name("a/b")
+            ])
+        )
+        .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(s.outside(), before);
+}
+
+#[test]
+fn symlinks_pointing_out_are_never_followed_on_the_host() {
+    let s = Scratch::new("symlink");
+    let before = s.outside();
+    let mut g = Guest::new(&s.share(), opts());
+    for link in ["abs", "rel"] {
+        let e = g.lookup(1, link).entry();
+        assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        // The guest gets the link's text and resolves it in its own tree.
+        let target = g.call(READLINK, e.nodeid, &[]).ok();
+        assert!(!target.is_empty());
+        assert_eq!(g.open(e.nodeid, libc::O_RDONLY).errno(), libc::ELOOP);
+        assert_eq!(
+            g.open(e.nodeid, libc::O_RDWR | libc::O_TRUNC).errno(),
+            libc::ELOOP
+        );
+        let r = g.setattr(
+            e.nodeid,
+            SetattrIn {
+                valid: FATTR_SIZE,
+                size: 0,
+                ..Default::default()
+            },
+        );
+        assert_ne!(r.errno(), 0);
+        // Used as a directory, the link leads nowhere.
+        assert_ne!(g.lookup(e.nodeid, "secret").errno(), 0);
+        assert_ne!(g.create(e.nodeid, "planted", 0o644).errno(), 0);
+    }
+    assert_eq!(s.outside(), before);
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_after_lookup_does_not_lead_out() {
+    let s = Scratch::new("swap");
+    let before = s.outside();
+    let mut g = Guest::new(&s.share(), opts());
+    let sub = g.lookup(1, "sub").entry();
+    // Another process on the host swaps the directory for a link out.
+    fs::rename(s.share().join("sub"), s.share().join("sub.old")).unwrap();
+    std::os::unix::fs::symlink(s.dir.join("outside"), s.share().join("sub")).unwrap();
+    // The guest's inode is still the directory it looked up.
+    let r = g.create(sub.nodeid, "after-swap", 0o644);
+    assert_eq!(r.errno(), 0);
+    assert!(s.share().join("sub.old/after-swap").exists());
+    // A fresh lookup sees the link, which is not a directory to the server.
+    let l = g.lookup(1, "sub").entry();
+    assert_eq!(l.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_ne!(g.create(l.nodeid, "planted", 0o644).errno(), 0);
+    assert_eq!(s.outside(), before);
+}
+
+#[test]
+fn forged_and_released_ids_are_refused() {
+    let s = Scratch::new("forged");
+    let mut g = Guest::new(&s.share(), opts());
+    for forged in [2u64, 77, 0xdead_beef, u64::MAX] {
+        assert_ne!(g.getattr(forged).errno(), 0, "node {forged}");
+        assert_ne!(g.lookup(forged, "secret").errno(), 0);
+        assert_ne!(g.open(forged, libc::O_RDONLY).errno(), 0);
+    }
+    let e = g.lookup(1, "hello").entry();
+    let fh = Guest::fh(g.open(e.nodeid, libc::O_RDONLY));
+    assert_eq!(&g.read(e.nodeid, fh, 64).ok()[..], b"hello from the host");
+    assert_ne!(g.read(e.nodeid, fh + 1000, 64).errno(), 0, "forged handle");
+    g.release(e.nodeid, fh).ok();
+    assert_ne!(g.read(e.nodeid, fh, 64).errno(), 0, "handle after release");
+    g.forget(e.nodeid, 1);
+    assert_ne!(g.getattr(e.nodeid).errno(), 0, "node after forget");
+}
+
+#[test]
+fn device_nodes_and_guest_xattrs_are_refused() {
+    let s = Scratch::new("mknod");
+    let mut g = Guest::new(&s.share(), opts());
+    let mk = |mode: u32, n: &str| {
+        let m = MknodIn {
+            mode,
+            rdev: 0x0103, // /dev/null's numbers
+            umask: 0,
+            padding: 0,
+        };
+        cat(&[m.as_slice(), &name(n)])
+    };
+    assert_eq!(
+        g.call(MKNOD, 1, &mk(libc::S_IFCHR | 0o666, "null")).errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        g.call(MKNOD, 1, &mk(libc::S_IFBLK | 0o666, "disk")).errno(),
+        libc::EPERM
+    );
+    assert!(!s.share().join("null").exists());
+    assert_eq!(
+        g.call(MKNOD, 1, &mk(libc::S_IFIFO | 0o644, "fifo")).errno(),
+        0
+    );
+    let e = g.lookup(1, "hello").entry();
+    let forged = cat(&[
+        &[3u32.to_ne_bytes(), 0u32.to_ne_bytes()].concat(),
+        &name(OWNER_XATTR),
+        b"0:0",
+    ]);
+    assert_eq!(g.call(SETXATTR, e.nodeid, &forged).errno(), libc::ENOSYS);
+    let get = cat(&[
+        &[64u32.to_ne_bytes(), 0u32.to_ne_bytes()].concat(),
+        &name(OWNER_XATTR),
+    ]);
+    assert_eq!(g.call(GETXATTR, e.nodeid, &get).errno(), libc::ENOSYS);
+}
+
+#[test]
+fn a_read_only_share_refuses_every_change_with_erofs() {
+    let s = Scratch::new("ro");
+    let mut g = Guest::new(
+        &s.share(),
+        ShareOptions {
+            read_only: true,
+            max_inodes: 1000,
+        },
+    );
+    assert_eq!(g.create(1, "new", 0o644).errno(), libc::EROFS);
+    let e = g.lookup(1, "hello").entry();
+    assert_eq!(g.open(e.nodeid, libc::O_WRONLY).errno(), libc::EROFS);
+    assert_eq!(
+        g.open(e.nodeid, libc::O_RDONLY | libc::O_TRUNC).errno(),
+        libc::EROFS
+    );
+    let r = g.setattr(
+        e.nodeid,
+        SetattrIn {
+            valid: FATTR_SIZE,
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.errno(), libc::EROFS);
+    let fh = Guest::fh(g.open(e.nodeid, libc::O_RDONLY));
+    assert_eq!(g.write(e.nodeid, fh, b"x").errno(), libc::EROFS);
+    assert_eq!(
+        fs::read(s.share().join("hello")).unwrap(),
+        b"hello from the host"
+    );
+}
+
+#[test]
+fn the_guest_cannot_hold_more_inodes_than_the_bound() {
+    let s = Scratch::new("bound");
+    for i in 0..6 {
+        fs::write(s.share().join(format!("f{i}")), b"x").unwrap();
+    }
+    let mut g = Guest::new(
+        &s.share(),
+        ShareOptions {
+            read_only: false,
+            max_inodes: 4,
+        },
+    );
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(g.lookup(1, &format!("f{i}")).entry().nodeid);
+    }
+    assert_eq!(g.lookup(1, "f4").errno(), libc::ENFILE);
+    // A second lookup of a held inode is not a new one.
+    assert_eq!(g.lookup(1, "f0").errno(), 0);
+    g.forget(held[1], 1);
+    assert_eq!(g.lookup(1, "f4").errno(), 0);
+}
+
+#[test]
+fn malformed_chains_are_completed_and_counted() {
+    let s = Scratch::new("malformed");
+    let mut g = Guest::new(&s.share(), opts());
+    // A header claiming far more than the chain holds.
+    let hdr = InHeader {
+        len: u32::MAX,
+        opcode: LOOKUP,
+        unique: 9,
+        nodeid: 1,
+        ..Default::default()
+    };
+    g.mem
+        .write_slice(hdr.as_slice(), GuestAddress(REQ))
+        .unwrap();
+    g.raw(&[(REQ, 40, 0), (REPLY, 4096, WRITE)]);
+    // A truncated header, no reply buffer, and a buffer outside memory.
+    g.raw(&[(REQ, 7, 0), (REPLY, 4096, WRITE)]);
+    g.raw(&[(REQ, 40, 0)]);
+    g.raw(&[(REQ, 40, 0), (64 << 20, 4096, WRITE)]);
+    // An unknown opcode.
+    assert_ne!(g.call(4242, 1, &[]).errno(), 0);
+    let c = &g.counters;
+    let bad = c.errors.load(Ordering::Relaxed) + c.malformed.load(Ordering::Relaxed);
+    assert!(bad >= 3, "{bad} bad chains counted");
+    // The server still works.
+    assert_eq!(g.lookup(1, "hello").entry().attr.size, 19);
+}
