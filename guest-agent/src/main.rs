@@ -16,6 +16,7 @@ mod docker_api;
 mod events;
 mod exec;
 mod fatal;
+mod fsevents;
 mod hostloop;
 mod init;
 mod net;
@@ -141,6 +142,7 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         let mounted = tokio::task::spawn_blocking(move || shares::mount_all(&shares))
             .await
             .unwrap_or(0);
+        fsevents::start(settings.shares.clone());
         console::milestone(
             "shares",
             &[

@@ -361,12 +361,24 @@ impl Drop for Scratch {
 /// tcpecho PORT` (TCP echo without forking). Compiled with the host's C
 /// compiler into `work`.
 pub fn nettool(work: &Path) -> PathBuf {
-    let out = work.join("nettool");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/tools/nettool.c");
+    c_tool(work, "nettool")
+}
+
+/// Static file-system checks for containers on a bind mount (mmap reads,
+/// flock and fcntl locks, fsync, a file past 4 GiB, O_APPEND, EROFS):
+/// `fstool CMD FILE`, see `src/tools/fstool.c`.
+pub fn fstool(work: &Path) -> PathBuf {
+    c_tool(work, "fstool")
+}
+
+/// Compiles `src/tools/NAME.c` statically into `work/NAME`.
+fn c_tool(work: &Path, name: &str) -> PathBuf {
+    let out = work.join(name);
+    let src = format!("{}/src/tools/{name}.c", env!("CARGO_MANIFEST_DIR"));
     let st = Command::new("cc")
         .args(["-static", "-O2", "-w", "-o"])
         .arg(&out)
-        .arg(src)
+        .arg(&src)
         .status()
         .expect("a C compiler (cc) is needed: apt-get install build-essential");
     assert!(st.success(), "compiling {src} failed");

@@ -6,6 +6,60 @@
 
 use std::fmt;
 
+/// Guest vsock port for file events: a share's backend connects and sends
+/// one [`FsEvent`] line per change it saw on the host; the agent raises the
+/// matching inotify events in the guest.
+pub const FS_EVENTS_PORT: u32 = 1032;
+/// The longest event line accepted (a path is at most `PATH_MAX`, 4096,
+/// percent-encoded up to three times that).
+pub const MAX_EVENT_LINE: usize = 3 * 4096 + 16;
+
+/// What happened to a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FsEventKind {
+    Create,
+    Modify,
+    Delete,
+}
+
+impl FsEventKind {
+    pub fn word(self) -> &'static str {
+        match self {
+            FsEventKind::Create => "create",
+            FsEventKind::Modify => "modify",
+            FsEventKind::Delete => "delete",
+        }
+    }
+}
+
+/// A change on the host under a share: `KIND PATH\n` on the wire, the path
+/// percent-encoded (it is the same path in the guest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsEvent {
+    pub kind: FsEventKind,
+    pub path: String,
+}
+
+impl FsEvent {
+    pub fn encode(&self) -> String {
+        format!("{} {}\n", self.kind.word(), encode_path(&self.path))
+    }
+
+    /// Parses one line (without its newline); `None` if malformed.
+    pub fn parse(line: &str) -> Option<FsEvent> {
+        let (kind, path) = line.split_once(' ')?;
+        let kind = match kind {
+            "create" => FsEventKind::Create,
+            "modify" => FsEventKind::Modify,
+            "delete" => FsEventKind::Delete,
+            _ => return None,
+        };
+        let path = decode_path(path)?;
+        (path.starts_with('/') && !path.contains('\0') && !path.contains('\n'))
+            .then_some(FsEvent { kind, path })
+    }
+}
+
 /// Most shares one VM has (each is a device and a backend process).
 pub const MAX_SHARES: usize = 8;
 /// The longest share path accepted, so that the command line (2 KiB on
@@ -178,6 +232,27 @@ mod tests {
             "berth.share=t,rw",
         ] {
             assert!(ShareSpec::from_cmdline(w).is_empty(), "{w}");
+        }
+    }
+
+    #[test]
+    fn events_round_trip_and_malformed_lines_are_refused() {
+        let e = FsEvent {
+            kind: FsEventKind::Modify,
+            path: "/Users/ada/my app/index.js".into(),
+        };
+        let line = e.encode();
+        assert_eq!(line, "modify /Users/ada/my%20app/index.js\n");
+        assert_eq!(FsEvent::parse(line.trim_end_matches('\n')), Some(e));
+        for bad in [
+            "",
+            "modify",
+            "touch /a",
+            "create relative",
+            "delete /a%0Ab",
+            "create /a%00",
+        ] {
+            assert_eq!(FsEvent::parse(bad), None, "{bad}");
         }
     }
 

@@ -122,6 +122,10 @@ enum VhostUserDevice {
         /// Refuse every change (EROFS).
         #[arg(long)]
         read_only: bool,
+        /// The VMM's vsock socket (Firecracker's convention): host file
+        /// events are sent to the guest agent through it.
+        #[arg(long)]
+        events_vsock: Option<PathBuf>,
     },
 }
 
@@ -158,13 +162,14 @@ fn main() -> ExitCode {
             socket,
             dir,
             read_only,
+            events_vsock,
         }) => {
             let opts = share_options(read_only, fd_limit);
             tracing::info!(
                 "vhost-user fs: at most {} inodes held by the guest (open-file limit {fd_limit})",
                 opts.max_inodes
             );
-            match vhost_user::fs::serve(&socket, &dir, opts) {
+            match vhost_user::fs::serve(&socket, &dir, opts, events_vsock.as_deref()) {
                 Ok(c) => {
                     tracing::info!("vhost-user fs: VMM disconnected; {c:?}");
                     ExitCode::SUCCESS

@@ -11,6 +11,7 @@ use berth_devices::legacy::i8042::{I8042Host, I8042};
 use berth_devices::legacy::serial::{ConsoleOut, IrqTrigger, SerialConsole};
 use berth_devices::virtio::blk::Block;
 use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
+use berth_devices::virtio::fs::watch::HostWatcher;
 use berth_devices::virtio::fs::{Fs, ShareFs};
 use berth_devices::virtio::mmio::{MmioTransport, INTERRUPT_STATUS};
 use berth_devices::virtio::net::{NetDevice, StreamBackend};
@@ -348,8 +349,14 @@ where
         virtio.push(Box::new(n.clone()));
     }
     for share in &cfg.shares {
-        let fs = ShareFs::new(&share.dir, share.opts.clone())
+        let mut fs = ShareFs::new(&share.dir, share.opts.clone())
             .map_err(|e| BuildError::Share(share.dir.display().to_string(), e))?;
+        if let Some(uds) = &cfg.vsock_uds {
+            match HostWatcher::start(uds) {
+                Ok(w) => fs = fs.with_watch(w),
+                Err(e) => tracing::warn!("no file events for {}: {e}", share.dir.display()),
+            }
+        }
         let dev = Fs::new(&share.tag, fs)
             .map_err(|e| BuildError::Share(share.tag.clone(), std::io::Error::other(e)))?;
         virtio.push(Box::new(dev));

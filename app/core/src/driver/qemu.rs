@@ -40,7 +40,9 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
         fs.args(["vhost-user", "fs", "--socket"])
             .arg(&sock)
             .arg("--dir")
-            .arg(&share.path);
+            .arg(&share.path)
+            .arg("--events-vsock")
+            .arg(st.vsock_sock());
         if share.read_only {
             fs.arg("--read-only");
         }

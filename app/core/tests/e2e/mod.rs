@@ -9,6 +9,7 @@ mod hostnet;
 mod network;
 mod persistence;
 mod ports;
+mod shares;
 mod socket;
 
 use std::path::PathBuf;
@@ -113,6 +114,7 @@ fn cases() -> Vec<Case> {
     v.extend(build::CASES);
     v.extend(socket::CASES);
     v.extend(compose::CASES);
+    v.extend(shares::CASES);
     v.extend(network::CASES);
     v.extend(ports::CASES);
     v.extend(persistence::CASES);
@@ -162,6 +164,10 @@ pub fn main() -> ExitCode {
     // The VM's only DNS server during the suite: no query leaves this host.
     let dns = hostnet::start_dns();
     ctx.berth_ok(&["config", "set", "dns_servers", &dns.to_string()]);
+    // Shared folders: the defaults (home, temp dir) and a read-only one.
+    let shares = shares::setting(&ctx.work);
+    ctx.berth_ok(&["config", "set", "shares", &shares]);
+    println!("setup: shared folders {shares}");
     println!(
         "setup: test resolver on {dns} ({} and below)",
         hostnet::ZONE

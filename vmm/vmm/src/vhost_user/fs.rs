@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use berth_devices::virtio::fs::watch::HostWatcher;
 use berth_devices::virtio::fs::{
     FsCounters, FsEngine, FsServer, ShareFs, ShareOptions, FEATURES, NUM_QUEUES, QUEUE_SIZE,
 };
@@ -102,9 +103,16 @@ pub fn serve(
     socket: &Path,
     dir: &Path,
     opts: ShareOptions,
+    events_vsock: Option<&Path>,
 ) -> Result<Arc<FsCounters>, VhostUserFsError> {
-    let share = ShareFs::new(dir, opts)
+    let mut share = ShareFs::new(dir, opts)
         .map_err(|e| VhostUserFsError::Share(dir.display().to_string(), e))?;
+    if let Some(uds) = events_vsock {
+        match HostWatcher::start(uds) {
+            Ok(w) => share = share.with_watch(w),
+            Err(e) => tracing::warn!("vhost-user fs: no file events for {}: {e}", dir.display()),
+        }
+    }
     let server: Arc<FsServer> = Arc::new(Server::new(Arc::new(share)));
     let counters = Arc::new(FsCounters::default());
     let mut exit = Vec::new();

@@ -8,6 +8,7 @@
 //! same [`FsEngine`] serves the queues of the vhost-user backend.
 
 mod share;
+pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -68,6 +68,8 @@ struct Node {
 /// A shared folder, ready for a FUSE server.
 pub struct ShareFs {
     inner: PassthroughFs<()>,
+    root: std::path::PathBuf,
+    watch: Option<std::sync::Arc<dyn super::watch::DirWatch>>,
     opts: ShareOptions,
     nodes: Mutex<HashMap<u64, Node>>,
     log: Mutex<berth_limits::RateLimiter>,
@@ -132,10 +134,19 @@ impl ShareFs {
         };
         Ok(ShareFs {
             inner: PassthroughFs::new(cfg)?,
+            root: root.to_path_buf(),
+            watch: None,
             opts,
             nodes: Mutex::new(HashMap::new()),
             log: Mutex::new(berth_limits::RateLimiter::default()),
         })
+    }
+
+    /// Reports the directories the guest holds to `watch` (host file
+    /// events).
+    pub fn with_watch(mut self, watch: std::sync::Arc<dyn super::watch::DirWatch>) -> ShareFs {
+        self.watch = Some(watch);
+        self
     }
 
     /// How many inodes the guest holds now.
@@ -224,13 +235,23 @@ impl ShareFs {
         })
     }
 
-    /// Counts one more guest reference to the entry's inode.
+    /// Counts one more guest reference to the entry's inode; a directory
+    /// the guest did not hold yet is watched from now on.
     fn hold(&self, entry: &Entry, node: Node) {
-        if let Ok(mut nodes) = self.nodes.lock() {
-            nodes
-                .entry(entry.inode)
-                .or_insert(Node { refs: 0, ..node })
-                .refs += 1;
+        let new = match self.nodes.lock() {
+            Ok(mut nodes) => {
+                let n = nodes.entry(entry.inode).or_insert(Node { refs: 0, ..node });
+                n.refs += 1;
+                n.refs == 1
+            }
+            Err(_) => false,
+        };
+        if new && node.kind == libc::S_IFDIR {
+            if let Some(w) = &self.watch {
+                if let Ok(path) = self.inner.readlinkat_proc_file(entry.inode) {
+                    w.watch(entry.inode, path);
+                }
+            }
         }
     }
 
@@ -263,13 +284,42 @@ impl ShareFs {
         if inode == ROOT_ID {
             return;
         }
-        if let Ok(mut nodes) = self.nodes.lock() {
-            if let Some(n) = nodes.get_mut(&inode) {
-                n.refs = n.refs.saturating_sub(count);
-                if n.refs == 0 {
-                    nodes.remove(&inode);
+        let gone_dir = match self.nodes.lock() {
+            Ok(mut nodes) => match nodes.get_mut(&inode) {
+                Some(n) => {
+                    n.refs = n.refs.saturating_sub(count);
+                    let gone = n.refs == 0;
+                    let dir = n.kind == libc::S_IFDIR;
+                    if gone {
+                        nodes.remove(&inode);
+                    }
+                    gone && dir
                 }
+                None => false,
+            },
+            Err(_) => false,
+        };
+        if gone_dir {
+            if let Some(w) = &self.watch {
+                w.unwatch(inode);
             }
+        }
+    }
+
+    fn forget_all(&self) {
+        let dirs: Vec<u64> = match self.nodes.lock() {
+            Ok(mut nodes) => nodes
+                .drain()
+                .filter(|(_, n)| n.kind == libc::S_IFDIR)
+                .map(|(i, _)| i)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if let Some(w) = &self.watch {
+            for d in dirs {
+                w.unwatch(d);
+            }
+            w.unwatch(ROOT_ID);
         }
     }
 
@@ -310,17 +360,17 @@ impl FileSystem for ShareFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        if let Ok(mut n) = self.nodes.lock() {
-            n.clear();
+        self.forget_all();
+        let opts = self.inner.init(capable)?;
+        if let Some(w) = &self.watch {
+            w.watch(ROOT_ID, self.root.clone());
         }
-        self.inner.init(capable)
+        Ok(opts)
     }
 
     fn destroy(&self) {
         self.inner.destroy();
-        if let Ok(mut n) = self.nodes.lock() {
-            n.clear();
-        }
+        self.forget_all();
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
