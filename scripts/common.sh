@@ -6,7 +6,7 @@ say() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the build and the tests need (idempotent).
 ensure_host_packages() {
-    local want=(build-essential pkg-config qemu-system-x86 busybox-static e2fsprogs python3 git docker-compose passt)
+    local want=(build-essential pkg-config qemu-system-x86 busybox-static e2fsprogs python3 git docker-compose passt sqlite3)
     local missing=() p
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

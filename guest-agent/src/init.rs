@@ -130,6 +130,18 @@ pub fn mount_early() -> Result<()> {
     for dir in ["/run/berth", "/run/lock"] {
         fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
     }
+    // Every mount shared, as systemd makes them on a Linux host: bind
+    // mounts with `rshared`/`rslave` propagation need their source on a
+    // shared mount, and dockerd judges a path by the first mount at its
+    // mount point (the tmpfs under a share mounted on /tmp, say).
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .context("making / a shared mount")?;
     // /etc/resolv.conf in the image points here; the network setup fills it.
     fs::write("/run/berth/resolv.conf", "").context("writing resolv.conf")?;
     Ok(())

@@ -16,6 +16,7 @@
 //! | `vsock.sock` | host side of the guest's vsock device |
 //! | `vmm.sock` | berth-vmm's own API (driver `vmm`) |
 //! | `vhost-vsock.sock` | vhost-user socket between QEMU and our vsock backend (driver `qemu`) |
+//! | `vhost-fs<N>.sock` | vhost-user socket between QEMU and shared folder N's backend (driver `qemu`) |
 //! | `qemu.monitor`, `qmp.sock` | QEMU's monitor and its QMP socket (driver `qemu`) |
 //! | `console.sock` | QEMU writes the guest console here; the host agent writes `console.log` (driver `qemu`) |
 //! | `vsock.sock_1025` | the guest agent's milestones, pushed to the host agent |

@@ -114,9 +114,9 @@ fn cases() -> Vec<Case> {
     v.extend(build::CASES);
     v.extend(socket::CASES);
     v.extend(compose::CASES);
-    v.extend(shares::CASES);
     v.extend(network::CASES);
     v.extend(ports::CASES);
+    v.extend(shares::CASES);
     v.extend(persistence::CASES);
     v.extend(faults::CASES);
     v

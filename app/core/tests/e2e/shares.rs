@@ -19,6 +19,7 @@ pub const CASES: &[Case] = &[
     ("shares_sqlite_database_on_a_bind_mount", sqlite),
     ("shares_build_writes_thousands_of_files", many_files),
     ("shares_compose_relative_volume", compose_volume),
+    ("shares_file_events_reach_container_watchers", file_events),
 ];
 
 /// The folder the harness shares read-only (under the scratch directory).
@@ -469,4 +470,72 @@ fn compose_volume(ctx: &Ctx) {
         std::fs::read_to_string(d.join("app/out.txt")).unwrap(),
         "written\n"
     );
+}
+
+/// busybox's `inotifyd - DIR:ncwd` in a container prints one line per
+/// event (`n` create, `c` modify, `w` close-write, `d` delete); the host
+/// creates, modifies and deletes files in the bind-mounted directory.
+fn file_events(ctx: &Ctx) {
+    let d = dir(ctx, "events");
+    std::fs::write(d.join("existing.js"), "v1\n").unwrap();
+    let bind = format!("{}:/src", s(&d));
+    let id = ctx.docker_ok(&["run", "-d", "-v", &bind, BB, "inotifyd", "-", "/src:ncwd"]);
+    let id = id.trim();
+    let logs = |ctx: &Ctx| {
+        let o = ctx.docker(&["logs", id]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // inotifyd has started once a change made in the container shows.
+    ctx.docker_ok(&["exec", id, "touch", "/src/ready"]);
+    eventually("the watcher runs", Duration::from_secs(30), || {
+        logs(ctx).contains("n\t/src\tready")
+    });
+    let mut seen = Vec::new();
+    let steps: [(&str, &str, Box<dyn Fn()>); 5] = [
+        (
+            "create",
+            "n\t/src\tnew.js",
+            Box::new(|| std::fs::write(d.join("new.js"), "x").unwrap()),
+        ),
+        (
+            "modify",
+            "c\t/src\texisting.js",
+            Box::new(|| std::fs::write(d.join("existing.js"), "v2\n").unwrap()),
+        ),
+        (
+            "delete",
+            "d\t/src\tnew.js",
+            Box::new(|| std::fs::remove_file(d.join("new.js")).unwrap()),
+        ),
+        (
+            "mkdir",
+            "n\t/src\tsubdir",
+            Box::new(|| std::fs::create_dir(d.join("subdir")).unwrap()),
+        ),
+        (
+            "rename",
+            "n\t/src\trenamed.js",
+            Box::new(|| std::fs::rename(d.join("existing.js"), d.join("renamed.js")).unwrap()),
+        ),
+    ];
+    for (what, line, act) in &steps {
+        let t = Instant::now();
+        act();
+        eventually(
+            &format!("the container's watcher sees the host's {what}"),
+            Duration::from_secs(10),
+            || logs(ctx).contains(line),
+        );
+        seen.push(format!("{what} {:.2} s", t.elapsed().as_secs_f64()));
+    }
+    let all = logs(ctx);
+    assert!(
+        all.contains("d\t/src\texisting.js"),
+        "rename reports the old name gone:\n{all}"
+    );
+    // The watcher that reacts reads the new content at once.
+    let out = ctx.docker_ok(&["exec", id, "cat", "/src/renamed.js"]);
+    assert_eq!(out, "v2\n");
+    println!("    host change seen by inotifyd in the container (upper bound, includes `docker logs`): {}", seen.join(", "));
+    ctx.docker_ok(&["rm", "-f", id]);
 }

@@ -24,7 +24,8 @@ use super::worker::{QueueEngine, Worker};
 pub use share::{ShareFs, ShareOptions, CACHE_TIMEOUT, OWNER_XATTR};
 
 const VIRTIO_ID_FS: u32 = 26;
-pub const QUEUE_SIZE: u16 = 256;
+/// QEMU's vhost-user-fs-device asks for 1024 (its default), as virtiofsd offers.
+pub const QUEUE_SIZE: u16 = 1024;
 /// The high-priority queue and one request queue.
 pub const NUM_QUEUES: usize = 2;
 pub const F_VERSION_1: u64 = 1 << 32;
