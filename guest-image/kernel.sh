@@ -11,10 +11,14 @@ ensure_packages linux-source build-essential bc flex bison libelf-dev libssl-dev
 SRC_TAR=$(ls /usr/src/linux-source-*.tar.xz 2>/dev/null | sort -V | tail -n1)
 [ -n "$SRC_TAR" ] || die "linux-source is installed but /usr/src has no linux-source-*.tar.xz"
 SRC_VER=$(dpkg-query -W -f='${Version}' "$(dpkg-query -S "$SRC_TAR" | cut -d: -f1)")
-# BERTH_KERNEL_VARIANT=pvm-test adds kernel/pvm-test/{fragment,*.patch}.
+# BERTH_KERNEL_VARIANT=pvm-test adds kernel/pvm-test/{fragment,*.patch};
+# the guest's own kernel (no variant) gets kernel/main/*.patch.
 VARIANT=${BERTH_KERNEL_VARIANT:-}
 FRAGMENTS=("$GI_DIR/kernel/x86_64.fragment")
 PATCHES=$(ls "$GI_DIR"/kernel/*.patch 2>/dev/null || true)
+if [ -z "$VARIANT" ]; then
+    PATCHES="$PATCHES $(ls "$GI_DIR"/kernel/main/*.patch 2>/dev/null || true)"
+fi
 if [ -n "$VARIANT" ]; then
     [ -f "$GI_DIR/kernel/$VARIANT/fragment" ] || die "no kernel variant '$VARIANT' in $GI_DIR/kernel"
     FRAGMENTS+=("$GI_DIR/kernel/$VARIANT/fragment")

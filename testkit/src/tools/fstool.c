@@ -1,6 +1,7 @@
 /* File-system checks run inside a container on a bind mount, for what
  * busybox cannot do: mmap reads, flock and fcntl locks between two
- * processes, fsync, and a file past 4 GiB. Each command prints one line
+ * processes, fsync, a file past 4 GiB, and an inotify watcher (Debian's
+ * busybox has no inotifyd). Each command prints one line
  * "name:ok ..." or "name:FAIL why" and exits non-zero on failure. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -9,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -125,9 +127,38 @@ static int cmd_write(const char *path) {
     return 0;
 }
 
+/* watch DIR: prints one line per inotify event on DIR, as busybox's
+ * inotifyd does: "n\tDIR\tNAME" create, "c" modify, "w" close-write,
+ * "d" delete, "m" moved from, "y" moved to. Runs until killed. */
+static int cmd_watch(const char *dir) {
+    int fd = inotify_init1(0);
+    if (fd < 0) return fail("watch", "inotify_init1");
+    uint32_t mask = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO;
+    if (inotify_add_watch(fd, dir, mask) < 0) return fail("watch", "inotify_add_watch");
+    printf("watching %s\n", dir);
+    fflush(stdout);
+    char buf[65536] __attribute__((aligned(8)));
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) return fail("watch", "read");
+        for (char *p = buf; p < buf + n;) {
+            struct inotify_event *e = (struct inotify_event *)p;
+            const char *name = e->len ? e->name : "";
+            struct { uint32_t bit; char c; } kinds[] = {
+                {IN_CREATE, 'n'}, {IN_MODIFY, 'c'}, {IN_CLOSE_WRITE, 'w'},
+                {IN_DELETE, 'd'}, {IN_MOVED_FROM, 'm'}, {IN_MOVED_TO, 'y'},
+            };
+            for (unsigned i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+                if (e->mask & kinds[i].bit) printf("%c\t%s\t%s\n", kinds[i].c, dir, name);
+            fflush(stdout);
+            p += sizeof *e + e->len;
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: fstool mmap|locks|fsync|big|append|write FILE\n");
+        fprintf(stderr, "usage: fstool mmap|locks|fsync|big|append|write|watch FILE\n");
         return 2;
     }
     const char *c = argv[1], *f = argv[2];
@@ -137,6 +168,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "big")) return cmd_big(f);
     if (!strcmp(c, "append")) return cmd_append(f);
     if (!strcmp(c, "write")) return cmd_write(f);
+    if (!strcmp(c, "watch")) return cmd_watch(f);
     fprintf(stderr, "fstool: unknown command %s\n", c);
     return 2;
 }

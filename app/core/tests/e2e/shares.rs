@@ -472,14 +472,29 @@ fn compose_volume(ctx: &Ctx) {
     );
 }
 
-/// busybox's `inotifyd - DIR:ncwd` in a container prints one line per
-/// event (`n` create, `c` modify, `w` close-write, `d` delete); the host
-/// creates, modifies and deletes files in the bind-mounted directory.
+/// An inotify watcher in a container (`fstool watch`, printing as busybox's
+/// inotifyd: `n` create, `c` modify, `w` close-write, `d` delete) on a bind
+/// mount; the host creates, modifies, deletes and renames files in it.
 fn file_events(ctx: &Ctx) {
     let d = dir(ctx, "events");
     std::fs::write(d.join("existing.js"), "v1\n").unwrap();
+    let tools = dir(ctx, "events-tools");
+    let tool = berth_testkit::fstool(&tools);
     let bind = format!("{}:/src", s(&d));
-    let id = ctx.docker_ok(&["run", "-d", "-v", &bind, BB, "inotifyd", "-", "/src:ncwd"]);
+    let tool_bind = format!("{}:/tools", s(&tools));
+    let id = ctx.docker_ok(&[
+        "run",
+        "-d",
+        "-v",
+        &bind,
+        "-v",
+        &tool_bind,
+        BB,
+        "/tools/fstool",
+        "watch",
+        "/src",
+    ]);
+    assert!(tool.exists());
     let id = id.trim();
     let logs = |ctx: &Ctx| {
         let o = ctx.docker(&["logs", id]);
