@@ -108,10 +108,12 @@ fn boot_to_init(format: Format) {
     let console = scratch.0.join("console.log");
     let api_sock = scratch.0.join("vmm.sock");
     // Every device berth-vmm has: root and data disks, vsock, net, rng,
-    // serial.
+    // a shared folder, serial.
     let data = scratch.0.join("data.img");
     berth_testkit::sparse_disk(&data, 1 << 30);
     let vsock = scratch.0.join("v.sock");
+    let share = scratch.0.join("share");
+    std::fs::create_dir_all(&share).unwrap();
     let mut cmd = Command::new(bin);
     cmd.args([
         "run",
@@ -132,6 +134,8 @@ fn boot_to_init(format: Format) {
     .arg(&vsock)
     .arg("--net-socket")
     .arg(scratch.0.join("net.sock"))
+    .arg("--share")
+    .arg(format!("share0={}", share.display()))
     .arg("--console-log")
     .arg(&console)
     .arg("--api-socket")
@@ -227,6 +231,15 @@ fn boot_to_init(format: Format) {
         .expect("a virtio-net device");
     assert_eq!(net["driver_ok"], 1, "{net}");
     assert_eq!(net["tx_malformed"], 0, "{net}");
+    // Likewise the guest's virtio_fs driver took our virtio-fs (its tag and
+    // queues read from our config space).
+    let fs = m["virtio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_type"] == 26)
+        .expect("a virtio-fs device");
+    assert_eq!(fs["driver_ok"], 1, "{fs}");
 
     let status = if real_kvm {
         // User space runs: ask for an orderly shutdown.

@@ -113,6 +113,10 @@ fn same_paths(ctx: &Ctx) {
         "/src/hello",
     ]);
     assert_eq!(out, "from the host\n");
+    // Changing the shares while the VM runs says a restart is needed.
+    let current = ctx.berth_ok(&["config", "get", "shares"]);
+    let out = ctx.berth_ok(&["config", "set", "shares", current.trim()]);
+    assert!(out.contains("after `berth restart`"), "{out}");
     // `:rshared` needs the source on a shared mount, as on a Linux host.
     ctx.docker_ok(&[
         "run",
@@ -506,7 +510,8 @@ fn file_events(ctx: &Ctx) {
         logs(ctx).contains("n\t/src\tready")
     });
     let mut seen = Vec::new();
-    let steps: [(&str, &str, Box<dyn Fn()>); 5] = [
+    type Step<'a> = (&'a str, &'a str, Box<dyn Fn() + 'a>);
+    let steps: [Step; 5] = [
         (
             "create",
             "n\t/src\tnew.js",

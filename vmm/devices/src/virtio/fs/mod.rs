@@ -8,6 +8,8 @@
 //! same [`FsEngine`] serves the queues of the vhost-user backend.
 
 mod share;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -104,7 +104,7 @@ impl HostWatcher {
         std::thread::Builder::new()
             .name("fs-events".into())
             .spawn(move || send_loop(&uds, rx, &dropped))
-            .map_err(|e| notify::Error::io(e))?;
+            .map_err(notify::Error::io)?;
         Ok(Arc::new(HostWatcher {
             watcher: Mutex::new(watcher),
             dirs: Mutex::new(HashMap::new()),
