@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks of the forwarded Docker socket, `berth start` and the network
-# (published ports, host.docker.internal, the forwarder in process), each
+# (published ports, host.docker.internal, the forwarder in process) and the
+# shared-folder FUSE server in process, each
 # beside a reference measured in the same run (figures for
 # docs/benchmarks.md). Each bench boots its own Berth VM in a scratch state
 # directory.
@@ -13,3 +14,5 @@ export BERTH_IMAGE_DIR=$(guest-image/build.sh)
 cargo build --release --quiet -p berth-vmm
 cargo bench -p berth-core --bench docker_socket
 cargo bench -p berth-core --bench network
+# Shared folders: the FUSE server in process beside direct syscalls.
+cargo bench -p berth-devices --features test-utils --bench fs

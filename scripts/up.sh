@@ -24,6 +24,9 @@ tar --numeric-owner --owner=0 --group=0 -C "$work/root" -cf "$work/rootfs.tar" .
 docker --context berth import "$work/rootfs.tar" berth-demo/busybox >/dev/null
 say "docker run --rm berth-demo/busybox"
 docker --context berth run --rm berth-demo/busybox sh -c 'echo "Hello from a container in Berth ($(uname -sr))"'
+say "a host folder in a container (the temp dir is shared at the same path)"
+echo "written on the host at $(date +%T)" > "$work/hello.txt"
+docker --context berth run --rm -v "$work:/src" berth-demo/busybox cat /src/hello.txt
 "$BERTH" status
 cat <<MSG
 

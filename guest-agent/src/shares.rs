@@ -7,7 +7,8 @@
 //! made on a tmpfs laid over its nearest existing ancestor, if that
 //! ancestor is an empty directory (the image provides `/Users`, `/Volumes`,
 //! `/private`, `/var/folders`, `/home`, `/mnt`, `/media` and `/srv` empty
-//! for that); a directory with content is never hidden.
+//! for that); a directory with content is never hidden. Once the shares
+//! are mounted those tmpfs are made read-only, like the root.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,8 +24,9 @@ pub fn mount_all(shares: &[ShareSpec]) -> usize {
     let mut sorted: Vec<&ShareSpec> = shares.iter().collect();
     sorted.sort_by_key(|s| s.path.len());
     let mut mounted = 0;
+    let mut laid = Vec::new();
     for s in sorted {
-        match mount_one(s) {
+        match mount_one(s, &mut laid) {
             Ok(()) => {
                 mounted += 1;
                 tracing::info!(
@@ -40,12 +42,29 @@ pub fn mount_all(shares: &[ShareSpec]) -> usize {
             Err(e) => tracing::error!("cannot mount the shared folder {}: {e:#}", s.path),
         }
     }
+    // The tmpfs laid for mount points become read-only, like the root
+    // around them: dockerd then fails to create a bind-mount source that
+    // is in no share ("read-only file system") instead of silently making
+    // an empty directory in the guest.
+    for dir in laid {
+        let flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if let Err(e) = mount(
+            Some("berth-shares"),
+            &dir,
+            Some("tmpfs"),
+            flags,
+            Some("mode=0755"),
+        ) {
+            tracing::warn!("cannot make {} read-only: {e}", dir.display());
+        }
+    }
     mounted
 }
 
-fn mount_one(s: &ShareSpec) -> Result<()> {
+fn mount_one(s: &ShareSpec, laid: &mut Vec<PathBuf>) -> Result<()> {
     let path = Path::new(&s.path);
-    ensure_mountpoint(path)?;
+    ensure_mountpoint(path, laid)?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if s.read_only {
         flags |= MsFlags::MS_RDONLY;
@@ -71,7 +90,7 @@ fn mount_one(s: &ShareSpec) -> Result<()> {
 
 /// Makes `path` an existing directory, laying a tmpfs over an empty
 /// read-only ancestor where it must.
-fn ensure_mountpoint(path: &Path) -> Result<()> {
+fn ensure_mountpoint(path: &Path, laid: &mut Vec<PathBuf>) -> Result<()> {
     if path.is_dir() {
         return Ok(());
     }
@@ -105,6 +124,7 @@ fn ensure_mountpoint(path: &Path) -> Result<()> {
         Some("mode=0755"),
     )
     .with_context(|| format!("laying a tmpfs over {}", ancestor.display()))?;
+    laid.push(ancestor);
     fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
 }
 

@@ -113,6 +113,25 @@ fn same_paths(ctx: &Ctx) {
         "/src/hello",
     ]);
     assert_eq!(out, "from the host\n");
+    // A host path in no share: dockerd cannot create it on the guest's
+    // read-only root, and says so (rather than mounting an empty directory).
+    let out = ctx.docker(&[
+        "run",
+        "--rm",
+        "-v",
+        "/opt/berth-e2e-not-shared:/x",
+        BB,
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("read-only file system"),
+        "{err}"
+    );
+    println!(
+        "    a path in no share: {}",
+        err.lines().next().unwrap_or("").trim()
+    );
     // Changing the shares while the VM runs says a restart is needed.
     let current = ctx.berth_ok(&["config", "get", "shares"]);
     let out = ctx.berth_ok(&["config", "set", "shares", current.trim()]);

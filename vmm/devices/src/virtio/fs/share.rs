@@ -150,8 +150,12 @@ impl ShareFs {
     }
 
     /// How many inodes the guest holds now.
+    /// (The share's root is not counted: it is held while mounted.)
     pub fn inodes(&self) -> usize {
-        self.nodes.lock().map(|n| n.len()).unwrap_or(0)
+        self.nodes
+            .lock()
+            .map(|n| n.len() - usize::from(n.contains_key(&ROOT_ID)))
+            .unwrap_or(0)
     }
 
     fn warn(&self, what: std::fmt::Arguments<'_>) {
@@ -362,6 +366,15 @@ impl FileSystem for ShareFs {
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         self.forget_all();
         let opts = self.inner.init(capable)?;
+        // The root is held for as long as the share is mounted.
+        let root = Node {
+            kind: libc::S_IFDIR,
+            owner: self.read_owner(ROOT_ID, libc::S_IFDIR),
+            refs: 1,
+        };
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.insert(ROOT_ID, root);
+        }
         if let Some(w) = &self.watch {
             w.watch(ROOT_ID, self.root.clone());
         }

@@ -169,6 +169,19 @@ fn chown_and_chmod_change_the_guest_view_not_the_host_owner() {
         .attr();
     assert_eq!(a.uid, 999);
     assert_eq!(fs::metadata(s.share().join("sub")).unwrap().uid(), euid());
+    // The share's root too (`-v $HOME:/data` and a chown of /data).
+    g.setattr(
+        1,
+        SetattrIn {
+            valid: FATTR_UID | FATTR_GID,
+            uid: 5,
+            gid: 6,
+            ..Default::default()
+        },
+    )
+    .ok();
+    assert_eq!(g.getattr(1).attr().uid, 5);
+    assert_eq!(fs::metadata(s.share()).unwrap().uid(), euid());
 }
 
 #[test]
