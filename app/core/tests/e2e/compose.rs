@@ -7,13 +7,7 @@ use super::{eventually, Case, Ctx, BB};
 pub const CASES: &[Case] = &[("compose_two_services_healthcheck", two_services)];
 
 fn two_services(ctx: &Ctx) {
-    if berth_core::paths::find_on_path("docker-compose").is_none() {
-        let msg = "docker-compose is not on PATH (apt-get install docker-compose)";
-        assert!(
-            std::env::var("BERTH_E2E_REQUIRED").as_deref() != Ok("1"),
-            "{msg}"
-        );
-        println!("*** SKIPPED compose case: {msg} ***");
+    if !super::have_program("docker-compose", "docker-compose") {
         return;
     }
     let dir = ctx.work.join("compose");

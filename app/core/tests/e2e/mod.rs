@@ -106,6 +106,22 @@ pub const BB: &str = "berth-e2e/busybox:1";
 
 pub type Case = (&'static str, fn(&Ctx));
 
+/// Whether host program `program` is on PATH. Without it the case is
+/// skipped with a loud line, or fails where the suite must run whole
+/// (`BERTH_E2E_REQUIRED=1`).
+pub fn have_program(program: &str, package: &str) -> bool {
+    if berth_core::paths::find_on_path(program).is_some() {
+        return true;
+    }
+    let msg = format!("{program} is not on PATH (apt-get install {package})");
+    assert!(
+        std::env::var("BERTH_E2E_REQUIRED").as_deref() != Ok("1"),
+        "{msg}"
+    );
+    println!("*** SKIPPED: {msg} ***");
+    false
+}
+
 /// In order: the later cases restart and kill the VM.
 fn cases() -> Vec<Case> {
     let mut v: Vec<Case> = Vec::new();
