@@ -223,22 +223,20 @@ fn boot_to_init(format: Format) {
     assert!(m["serial"]["bytes_out"].as_u64().unwrap() > 1000);
     // The guest's virtio_net driver took our virtio-net (features
     // negotiated, queues set up, DRIVER_OK) before init ran.
-    let net = m["virtio"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device_type"] == 1)
-        .expect("a virtio-net device");
+    let device = |kind: u32| {
+        m["virtio"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_type"] == kind)
+            .unwrap_or_else(|| panic!("no virtio device of type {kind}: {m}"))
+    };
+    let net = device(1);
     assert_eq!(net["driver_ok"], 1, "{net}");
     assert_eq!(net["tx_malformed"], 0, "{net}");
     // Likewise the guest's virtio_fs driver took our virtio-fs (its tag and
     // queues read from our config space).
-    let fs = m["virtio"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device_type"] == 26)
-        .expect("a virtio-fs device");
+    let fs = device(26);
     assert_eq!(fs["driver_ok"], 1, "{fs}");
 
     let status = if real_kvm {
