@@ -166,8 +166,9 @@ fn main() -> ExitCode {
         }) => {
             let opts = share_options(read_only, fd_limit);
             tracing::info!(
-                "vhost-user fs: at most {} inodes held by the guest (open-file limit {fd_limit})",
-                opts.max_inodes
+                "vhost-user fs: at most {} inodes held and {} files open by the guest (open-file limit {fd_limit})",
+                opts.max_inodes,
+                opts.max_handles
             );
             match vhost_user::fs::serve(&socket, &dir, opts, events_vsock.as_deref()) {
                 Ok(c) => {
@@ -206,14 +207,15 @@ fn vsock_cap(fd_limit: u64) -> usize {
     berth_limits::fds::connection_cap(fd_limit, 1, berth_devices::virtio::vsock::MAX_CONNS)
 }
 
-/// How a share is served: the inodes the guest may hold are bounded by
-/// the descriptors this process has (one each), keeping some for the rest.
+/// How a share is served: the inodes the guest may hold and the files it
+/// may have open are bounded by the descriptors this process has (one
+/// each), keeping some for the rest.
 fn share_options(read_only: bool, fd_limit: u64) -> berth_devices::virtio::fs::ShareOptions {
     let spare = fd_limit.saturating_sub(256).max(64);
-    berth_devices::virtio::fs::ShareOptions {
+    berth_devices::virtio::fs::ShareOptions::within_fds(
         read_only,
-        max_inodes: usize::try_from(spare).unwrap_or(usize::MAX),
-    }
+        usize::try_from(spare).unwrap_or(usize::MAX),
+    )
 }
 
 fn fail(msg: &str) -> ExitCode {

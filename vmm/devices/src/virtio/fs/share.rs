@@ -17,13 +17,15 @@
 //!   created; setuid and setgid bits never reach the host; the guest's own
 //!   xattr requests are answered "not supported", so it can neither read
 //!   nor forge ours (nor set file capabilities).
-//! * **Bounds.** At most `max_inodes` inodes (each holds a host
-//!   descriptor) are known at once; lookups beyond fail with `ENFILE`.
+//! * **Bounds.** At most `max_inodes` inodes and `max_handles` open files
+//!   and directories (each holds a host descriptor) at once; lookups and
+//!   opens beyond fail with `ENFILE`.
 //! * A read-only share refuses every change with `EROFS`.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -47,12 +49,33 @@ pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const SUID_SGID: u32 = libc::S_ISUID | libc::S_ISGID;
 
+/// Directory offsets after `.` and after `..`, which come last: no host
+/// file system hands out offsets this large (they are negative as `off_t`).
+const DOT_OFF: u64 = u64::MAX - 1;
+const DOTDOT_OFF: u64 = u64::MAX;
+
 /// How a share is served.
 #[derive(Debug, Clone)]
 pub struct ShareOptions {
     pub read_only: bool,
     /// Most inodes the guest may hold at once (each costs a descriptor).
     pub max_inodes: usize,
+    /// Most files and directories the guest may have open at once (each
+    /// costs a descriptor).
+    pub max_handles: usize,
+}
+
+impl ShareOptions {
+    /// Splits `fds` descriptors between inodes (three quarters) and open
+    /// handles (a quarter).
+    pub fn within_fds(read_only: bool, fds: usize) -> ShareOptions {
+        let handles = (fds / 4).max(16);
+        ShareOptions {
+            read_only,
+            max_inodes: fds.saturating_sub(handles).max(16),
+            max_handles: handles,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +95,8 @@ pub struct ShareFs {
     watch: Option<std::sync::Arc<dyn super::watch::DirWatch>>,
     opts: ShareOptions,
     nodes: Mutex<HashMap<u64, Node>>,
+    /// Handles the guest holds open (released only once each).
+    handles: Mutex<std::collections::HashSet<u64>>,
     log: Mutex<berth_limits::RateLimiter>,
 }
 
@@ -138,6 +163,7 @@ impl ShareFs {
             watch: None,
             opts,
             nodes: Mutex::new(HashMap::new()),
+            handles: Mutex::new(std::collections::HashSet::new()),
             log: Mutex::new(berth_limits::RateLimiter::default()),
         })
     }
@@ -156,6 +182,38 @@ impl ShareFs {
             .lock()
             .map(|n| n.len() - usize::from(n.contains_key(&ROOT_ID)))
             .unwrap_or(0)
+    }
+
+    /// How many files and directories the guest has open now.
+    pub fn handles(&self) -> usize {
+        self.handles.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    /// Before opening: refuses when the guest holds the most handles.
+    fn may_open(&self) -> io::Result<()> {
+        if self.handles() >= self.opts.max_handles {
+            self.warn(format_args!(
+                "the guest holds {} open files, the most allowed: refusing more (ENFILE)",
+                self.opts.max_handles
+            ));
+            return Err(err(libc::ENFILE));
+        }
+        Ok(())
+    }
+
+    /// Counts a handle the passthrough just gave the guest.
+    fn opened(&self, handle: Option<u64>) {
+        if let (Some(h), Ok(mut set)) = (handle, self.handles.lock()) {
+            set.insert(h);
+        }
+    }
+
+    /// Whether `handle` is one the guest holds; forgets it.
+    fn closing(&self, handle: u64) -> bool {
+        self.handles
+            .lock()
+            .map(|mut s| s.remove(&handle))
+            .unwrap_or(false)
     }
 
     fn warn(&self, what: std::fmt::Arguments<'_>) {
@@ -325,6 +383,9 @@ impl ShareFs {
             }
             w.unwatch(ROOT_ID);
         }
+        if let Ok(mut h) = self.handles.lock() {
+            h.clear();
+        }
     }
 
     /// After creating `entry` for a guest caller: keep the caller's
@@ -344,6 +405,52 @@ impl ShareFs {
         self.nodes.lock().ok()?.get(&inode).and_then(|n| n.owner)
     }
 
+    /// Tells the watcher the guest is about to change `inode` (or the entry
+    /// `name` in directory `inode`), so the host event that follows is not
+    /// sent back to the guest.
+    fn changing(&self, inode: u64, name: Option<&CStr>) {
+        let Some(w) = &self.watch else { return };
+        if let Ok(mut path) = self.inner.readlinkat_proc_file(inode) {
+            if let Some(n) = name {
+                path.push(std::ffi::OsStr::from_bytes(n.to_bytes()));
+            }
+            w.guest_changed(path);
+        }
+    }
+
+    /// `.` and `..`, which the passthrough leaves out, listed after the
+    /// directory's last entry (at offsets no host directory uses) from
+    /// `offset` on: a listing from a host offset that brings no entry has
+    /// reached the end.
+    fn dots(&self, inode: u64, offset: u64) -> Vec<DirEntry<'static>> {
+        use std::os::unix::fs::MetadataExt;
+        let own = self
+            .inner
+            .getattr(&Context::new(), inode, None)
+            .map(|(a, _)| a.st_ino)
+            .unwrap_or(inode);
+        let parent = if inode == ROOT_ID {
+            own
+        } else {
+            self.inner
+                .readlinkat_proc_file(inode)
+                .ok()
+                .and_then(|p| std::fs::symlink_metadata(p.parent()?).ok())
+                .map_or(own, |m| m.ino())
+        };
+        let dir = |ino, offset, name: &'static [u8]| DirEntry {
+            ino,
+            offset,
+            type_: u32::from(libc::DT_DIR),
+            name,
+        };
+        match offset {
+            DOTDOT_OFF => Vec::new(),
+            DOT_OFF => vec![dir(parent, DOTDOT_OFF, b"..")],
+            _ => vec![dir(own, DOT_OFF, b"."), dir(parent, DOTDOT_OFF, b"..")],
+        }
+    }
+
     /// Refuses to open a symlink inode: the guest resolves symlinks
     /// itself, and opening one on the host could follow it.
     fn not_symlink(&self, inode: u64) -> io::Result<()> {
@@ -352,6 +459,13 @@ impl ShareFs {
         }
         Ok(())
     }
+}
+
+/// The host read for a listing: at least a page, so a host read that
+/// brings nothing but `.` and `..` means the directory has ended (the
+/// guest's own `size` still bounds the reply).
+fn chunk(size: u32) -> u32 {
+    size.max(4096)
 }
 
 fn wants_write(flags: u32) -> bool {
@@ -444,6 +558,9 @@ impl FileSystem for ShareFs {
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode &= !SUID_SGID;
         }
+        if !valid.is_empty() {
+            self.changing(inode, None);
+        }
         let (mut out, t) = if valid.is_empty() {
             self.inner.getattr(&host_ctx(ctx), inode, handle)?
         } else {
@@ -467,6 +584,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_name(name)?;
+        self.changing(parent, Some(name));
         let e = self.inner.symlink(&host_ctx(ctx), linkname, parent, name)?;
         self.created(ctx, e)
     }
@@ -486,6 +604,7 @@ impl FileSystem for ShareFs {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
             _ => return Err(err(libc::EPERM)),
         }
+        self.changing(parent, Some(name));
         let e = self
             .inner
             .mknod(&host_ctx(ctx), parent, name, mode & !SUID_SGID, rdev, umask)?;
@@ -502,6 +621,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_name(name)?;
+        self.changing(parent, Some(name));
         let e = self
             .inner
             .mkdir(&host_ctx(ctx), parent, name, mode & !SUID_SGID, umask)?;
@@ -511,12 +631,14 @@ impl FileSystem for ShareFs {
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         check_name(name)?;
+        self.changing(parent, Some(name));
         self.inner.unlink(&host_ctx(ctx), parent, name)
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         check_name(name)?;
+        self.changing(parent, Some(name));
         self.inner.rmdir(&host_ctx(ctx), parent, name)
     }
 
@@ -536,6 +658,8 @@ impl FileSystem for ShareFs {
         if flags & libc::RENAME_WHITEOUT != 0 {
             return Err(err(libc::EPERM));
         }
+        self.changing(olddir, Some(oldname));
+        self.changing(newdir, Some(newname));
         self.inner
             .rename(&host_ctx(ctx), olddir, oldname, newdir, newname, flags)
     }
@@ -543,6 +667,7 @@ impl FileSystem for ShareFs {
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
         check_name(newname)?;
+        self.changing(newparent, Some(newname));
         let e = self.inner.link(&host_ctx(ctx), inode, newparent, newname)?;
         self.admit(e)
     }
@@ -558,7 +683,13 @@ impl FileSystem for ShareFs {
         if wants_write(flags) {
             self.writable()?;
         }
-        self.inner.open(&host_ctx(ctx), inode, flags, fuse_flags)
+        self.may_open()?;
+        if flags as i32 & libc::O_TRUNC != 0 {
+            self.changing(inode, None);
+        }
+        let r = self.inner.open(&host_ctx(ctx), inode, flags, fuse_flags)?;
+        self.opened(r.0);
+        Ok(r)
     }
 
     fn create(
@@ -571,9 +702,14 @@ impl FileSystem for ShareFs {
         self.writable()?;
         check_name(name)?;
         args.mode &= !SUID_SGID;
+        self.may_open()?;
+        self.changing(parent, Some(name));
         let (e, h, o, p) = self.inner.create(&host_ctx(ctx), parent, name, args)?;
         match self.created(ctx, e) {
-            Ok(e) => Ok((e, h, o, p)),
+            Ok(e) => {
+                self.opened(h);
+                Ok((e, h, o, p))
+            }
             Err(x) => {
                 if let Some(h) = h {
                     let _ = self
@@ -624,6 +760,7 @@ impl FileSystem for ShareFs {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
+        self.changing(inode, None);
         self.inner.write(
             &host_ctx(ctx),
             inode,
@@ -656,6 +793,7 @@ impl FileSystem for ShareFs {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
+        self.changing(inode, None);
         self.inner
             .fallocate(&host_ctx(ctx), inode, handle, mode, offset, length)
     }
@@ -671,6 +809,9 @@ impl FileSystem for ShareFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        if !self.closing(handle) {
+            return Err(err(libc::EBADF));
+        }
         self.inner.release(
             &host_ctx(ctx),
             inode,
@@ -712,7 +853,10 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         self.not_symlink(inode)?;
-        self.inner.opendir(&host_ctx(ctx), inode, flags)
+        self.may_open()?;
+        let r = self.inner.opendir(&host_ctx(ctx), inode, flags)?;
+        self.opened(r.0);
+        Ok(r)
     }
 
     fn readdir(
@@ -724,8 +868,24 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner
-            .readdir(&host_ctx(ctx), inode, handle, size, offset, add_entry)
+        if offset < DOT_OFF {
+            let mut calls = 0;
+            let mut add = |d: DirEntry| {
+                calls += 1;
+                add_entry(d)
+            };
+            self.inner
+                .readdir(&host_ctx(ctx), inode, handle, chunk(size), offset, &mut add)?;
+            if calls > 0 {
+                return Ok(());
+            }
+        }
+        for d in self.dots(inode, offset) {
+            if add_entry(d)? == 0 {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn readdirplus(
@@ -737,25 +897,48 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let mut add = |d: DirEntry, mut e: Entry| -> io::Result<usize> {
-            if e.inode == 0 {
-                return add_entry(d, e);
+        if offset < DOT_OFF {
+            let mut calls = 0;
+            let mut add = |d: DirEntry, mut e: Entry| -> io::Result<usize> {
+                calls += 1;
+                if e.inode == 0 {
+                    return add_entry(d, e);
+                }
+                let node = self.peek(&e)?;
+                if node.refs == 0 && self.inodes() >= self.opts.max_inodes {
+                    // An error leaves the passthrough's own count to us.
+                    self.inner.forget(&Context::new(), e.inode, 1);
+                    return Err(self.full());
+                }
+                Self::show(&mut e.attr, node.owner);
+                let n = add_entry(d, e)?;
+                if n > 0 {
+                    self.hold(&e, node);
+                }
+                Ok(n)
+            };
+            self.inner
+                .readdirplus(&host_ctx(ctx), inode, handle, chunk(size), offset, &mut add)?;
+            if calls > 0 {
+                return Ok(());
             }
-            let node = self.peek(&e)?;
-            if node.refs == 0 && self.inodes() >= self.opts.max_inodes {
-                // An error leaves the passthrough's own count to us.
-                self.inner.forget(&Context::new(), e.inode, 1);
-                return Err(self.full());
+        }
+        let (attr, _) = self.inner.getattr(&Context::new(), inode, None)?;
+        for d in self.dots(inode, offset) {
+            // No node id: the guest kernel takes no entry for `.` and `..`.
+            let e = Entry {
+                inode: 0,
+                generation: 0,
+                attr,
+                attr_flags: 0,
+                attr_timeout: Duration::ZERO,
+                entry_timeout: Duration::ZERO,
+            };
+            if add_entry(d, e)? == 0 {
+                break;
             }
-            Self::show(&mut e.attr, node.owner);
-            let n = add_entry(d, e)?;
-            if n > 0 {
-                self.hold(&e, node);
-            }
-            Ok(n)
-        };
-        self.inner
-            .readdirplus(&host_ctx(ctx), inode, handle, size, offset, &mut add)
+        }
+        Ok(())
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -763,6 +946,9 @@ impl FileSystem for ShareFs {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        if !self.closing(handle) {
+            return Err(err(libc::EBADF));
+        }
         self.inner.releasedir(&host_ctx(ctx), inode, flags, handle)
     }
 

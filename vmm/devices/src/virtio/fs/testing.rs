@@ -39,7 +39,11 @@ pub const RELEASE: u32 = 18;
 pub const SETXATTR: u32 = 21;
 pub const GETXATTR: u32 = 22;
 pub const INIT: u32 = 26;
+pub const OPENDIR: u32 = 27;
+pub const READDIR: u32 = 28;
+pub const RELEASEDIR: u32 = 29;
 pub const CREATE: u32 = 35;
+pub const READDIRPLUS: u32 = 44;
 
 pub const FATTR_MODE: u32 = 1;
 pub const FATTR_UID: u32 = 2;
@@ -103,10 +107,14 @@ pub fn cat(parts: &[&[u8]]) -> Vec<u8> {
 
 impl Guest {
     pub fn new(share: &Path, opts: ShareOptions) -> Guest {
+        Guest::with_fs(ShareFs::new(share, opts).unwrap())
+    }
+
+    /// A guest of an already built share (e.g. one with a watcher).
+    pub fn with_fs(fs: ShareFs) -> Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let vq = TestQueue::new(&mem, GuestAddress(0), 16);
         let queue = vq.queue();
-        let fs = ShareFs::new(share, opts).unwrap();
         let counters = Arc::new(FsCounters::default());
         let engine = FsEngine::new(Arc::new(Server::new(Arc::new(fs))), counters.clone());
         let mut g = Guest {
@@ -259,11 +267,55 @@ impl Guest {
         self.call(WRITE_OP, node, &cat(&[w.as_slice(), data]))
     }
 
+    pub fn unlink(&mut self, parent: u64, n: &str) -> Reply {
+        self.call(UNLINK, parent, &name(n))
+    }
+
     pub fn release(&mut self, node: u64, fh: u64) -> Reply {
         let r = ReleaseIn {
             fh,
             ..Default::default()
         };
         self.call(RELEASE, node, &obj(r))
+    }
+
+    /// Lists directory `node` as the guest kernel does: OPENDIR, then
+    /// READDIR (or READDIRPLUS) of `size` bytes from each last offset until
+    /// an empty reply, then RELEASEDIR. Names and inode numbers, in order.
+    pub fn list(&mut self, node: u64, plus: bool, size: u32) -> Vec<(String, u64)> {
+        let fh = Guest::fh(self.call(OPENDIR, node, &obj(OpenIn::default())));
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for _ in 0..10_000 {
+            let r = ReadIn {
+                fh,
+                offset,
+                size,
+                ..Default::default()
+            };
+            let body = self
+                .call(if plus { READDIRPLUS } else { READDIR }, node, &obj(r))
+                .ok();
+            if body.is_empty() {
+                break;
+            }
+            let mut b = &body[..];
+            while !b.is_empty() {
+                if plus {
+                    b = &b[std::mem::size_of::<EntryOut>()..];
+                }
+                let ino = u64::from_le_bytes(b[0..8].try_into().unwrap());
+                offset = u64::from_le_bytes(b[8..16].try_into().unwrap());
+                let len = u32::from_le_bytes(b[16..20].try_into().unwrap()) as usize;
+                out.push((String::from_utf8_lossy(&b[24..24 + len]).into_owned(), ino));
+                b = &b[(24 + len).div_ceil(8) * 8..];
+            }
+        }
+        let rel = ReleaseIn {
+            fh,
+            ..Default::default()
+        };
+        self.call(RELEASEDIR, node, &obj(rel)).ok();
+        out
     }
 }

@@ -69,6 +69,7 @@ fn opts() -> ShareOptions {
     ShareOptions {
         read_only: false,
         max_inodes: 1000,
+        max_handles: 1000,
     }
 }
 
@@ -338,6 +339,7 @@ fn a_read_only_share_refuses_every_change_with_erofs() {
         ShareOptions {
             read_only: true,
             max_inodes: 1000,
+            max_handles: 1000,
         },
     );
     assert_eq!(g.create(1, "new", 0o644).errno(), libc::EROFS);
@@ -374,6 +376,7 @@ fn the_guest_cannot_hold_more_inodes_than_the_bound() {
         ShareOptions {
             read_only: false,
             max_inodes: 4,
+            max_handles: 1000,
         },
     );
     let mut held = Vec::new();
@@ -414,4 +417,67 @@ fn malformed_chains_are_completed_and_counted() {
     assert!(bad >= 3, "{bad} bad chains counted");
     // The server still works.
     assert_eq!(g.lookup(1, "hello").entry().attr.size, 19);
+}
+
+#[test]
+fn the_guest_cannot_hold_more_open_files_than_the_bound() {
+    let s = Scratch::new("handles");
+    let mut g = Guest::new(
+        &s.share(),
+        ShareOptions {
+            read_only: false,
+            max_inodes: 1000,
+            max_handles: 3,
+        },
+    );
+    let node = g.lookup(1, "hello").entry().nodeid;
+    let fhs: Vec<u64> = (0..3)
+        .map(|_| Guest::fh(g.open(node, libc::O_RDONLY)))
+        .collect();
+    assert_eq!(g.open(node, libc::O_RDONLY).errno(), libc::ENFILE);
+    assert_eq!(g.create(1, "new", 0o644).errno(), libc::ENFILE);
+    // A forged handle frees nothing; a real one frees one, once.
+    assert_eq!(g.release(node, 4242).errno(), libc::EBADF);
+    assert_eq!(g.open(node, libc::O_RDONLY).errno(), libc::ENFILE);
+    g.release(node, fhs[0]).ok();
+    assert_eq!(g.release(node, fhs[0]).errno(), libc::EBADF);
+    let again = Guest::fh(g.open(node, libc::O_RDONLY));
+    assert_eq!(g.open(node, libc::O_RDONLY).errno(), libc::ENFILE);
+    for fh in [again, fhs[1], fhs[2]] {
+        g.release(node, fh).ok();
+    }
+    assert_eq!(g.create(1, "new", 0o644).errno(), 0);
+    assert!(!s.dir.join("outside/new").exists());
+}
+
+#[test]
+fn listings_have_dot_and_dotdot_once_at_any_buffer_size() {
+    let s = Scratch::new("dots");
+    for i in 0..40 {
+        fs::write(s.share().join(format!("file-{i:02}")), b"x").unwrap();
+    }
+    let mut g = Guest::new(&s.share(), opts());
+    let sub = g.lookup(1, "sub").entry();
+    let root_ino = fs::metadata(s.share()).unwrap().ino();
+    // The smallest sizes hold one entry each (a READDIRPLUS entry carries
+    // a 128-byte entry_out).
+    for (plus, sizes) in [(false, [4096, 200, 32]), (true, [4096, 400, 160])] {
+        for size in sizes {
+            let got = g.list(1, plus, size);
+            let mut names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+            names.sort();
+            let mut want: Vec<String> = (0..40).map(|i| format!("file-{i:02}")).collect();
+            want.extend([".", "..", "abs", "hello", "rel", "sub"].map(String::from));
+            want.sort();
+            assert_eq!(names, want, "plus {plus}, {size}-byte buffers");
+            let dot = got.iter().find(|(n, _)| n == ".").unwrap();
+            assert_eq!(dot.1, root_ino);
+            // In a subdirectory, `..` is the share's root.
+            let got = g.list(sub.nodeid, plus, size);
+            assert_eq!(
+                got,
+                vec![(".".to_owned(), sub.attr.ino), ("..".to_owned(), root_ino)]
+            );
+        }
+    }
 }

@@ -13,9 +13,10 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_proto::share::{FsEvent, FsEventKind, FS_EVENTS_PORT};
 use notify::event::{ModifyKind, RenameMode};
@@ -25,6 +26,13 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 const QUEUE: usize = 8192;
 /// Events arriving within this window are sent together, duplicates once.
 const COALESCE: Duration = Duration::from_millis(20);
+/// Host events for a path the guest itself changed this recently are its
+/// own changes coming back: the guest's kernel has already told its
+/// watchers, so they are dropped rather than sent again.
+pub const ECHO: Duration = Duration::from_secs(1);
+/// Paths remembered for [`ECHO`]; beyond this the oldest are forgotten
+/// (their echoes are then sent, which costs time, not correctness).
+const ECHO_PATHS: usize = 16384;
 
 /// What [`super::ShareFs`] tells the watcher about directories.
 pub trait DirWatch: Send + Sync {
@@ -32,12 +40,42 @@ pub trait DirWatch: Send + Sync {
     fn watch(&self, inode: u64, path: PathBuf);
     /// The guest forgot directory `inode`.
     fn unwatch(&self, inode: u64);
+    /// The guest is about to change `path` (create, write, rename, remove,
+    /// attributes): the host event that follows is an echo.
+    fn guest_changed(&self, path: PathBuf);
+}
+
+/// Paths the guest changed recently, with when.
+#[derive(Default)]
+struct Echoes {
+    at: HashMap<PathBuf, Instant>,
+}
+
+impl Echoes {
+    fn note(&mut self, path: PathBuf, now: Instant) {
+        if self.at.len() >= ECHO_PATHS {
+            self.at.retain(|_, t| now.duration_since(*t) < ECHO);
+            if self.at.len() >= ECHO_PATHS {
+                self.at.clear();
+            }
+        }
+        self.at.insert(path, now);
+    }
+
+    /// Whether a host event for `path` now is the guest's own change.
+    fn is_echo(&self, path: &Path, now: Instant) -> bool {
+        self.at
+            .get(path)
+            .is_some_and(|t| now.duration_since(*t) < ECHO)
+    }
 }
 
 /// Watches the directories the guest holds and forwards their changes.
 pub struct HostWatcher {
     watcher: Mutex<RecommendedWatcher>,
     dirs: Mutex<HashMap<u64, PathBuf>>,
+    echoes: Arc<Mutex<Echoes>>,
+    echoed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for HostWatcher {
@@ -87,14 +125,25 @@ impl HostWatcher {
     /// [`FS_EVENTS_PORT`] through `vsock_uds`.
     pub fn start(vsock_uds: &Path) -> notify::Result<Arc<HostWatcher>> {
         let (tx, rx) = sync_channel::<FsEvent>(QUEUE);
-        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let echoes = Arc::new(Mutex::new(Echoes::default()));
+        let echoed = Arc::new(AtomicU64::new(0));
         let handler = {
-            let dropped = dropped.clone();
+            let (dropped, echoes, echoed) = (dropped.clone(), echoes.clone(), echoed.clone());
             move |res: notify::Result<notify::Event>| {
                 let Ok(ev) = res else { return };
+                let now = Instant::now();
                 for e in translate(&ev) {
+                    let echo = echoes
+                        .lock()
+                        .map(|x| x.is_echo(Path::new(&e.path), now))
+                        .unwrap_or(false);
+                    if echo {
+                        echoed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if let Err(TrySendError::Full(_)) = tx.try_send(e) {
-                        dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -108,7 +157,14 @@ impl HostWatcher {
         Ok(Arc::new(HostWatcher {
             watcher: Mutex::new(watcher),
             dirs: Mutex::new(HashMap::new()),
+            echoes,
+            echoed,
         }))
+    }
+
+    /// Host events dropped as echoes of the guest's own changes.
+    pub fn echoes_dropped(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
     }
 
     /// Directories watched now.
@@ -136,6 +192,12 @@ impl DirWatch for HostWatcher {
         }
     }
 
+    fn guest_changed(&self, path: PathBuf) {
+        if let Ok(mut e) = self.echoes.lock() {
+            e.note(path, Instant::now());
+        }
+    }
+
     fn unwatch(&self, inode: u64) {
         let Ok(mut dirs) = self.dirs.lock() else {
             return;
@@ -154,7 +216,7 @@ impl DirWatch for HostWatcher {
 /// Sends events to the guest, connecting (again) as needed. Events that
 /// arrive while the guest cannot be reached are dropped: they describe
 /// changes the guest will see when it looks.
-fn send_loop(uds: &Path, rx: Receiver<FsEvent>, dropped: &std::sync::atomic::AtomicU64) {
+fn send_loop(uds: &Path, rx: Receiver<FsEvent>, dropped: &AtomicU64) {
     let mut conn: Option<UnixStream> = None;
     let mut log = berth_limits::RateLimiter::default();
     loop {
@@ -198,7 +260,7 @@ fn send_loop(uds: &Path, rx: Receiver<FsEvent>, dropped: &std::sync::atomic::Ato
             if let Some(s) = log.hit() {
                 tracing::debug!(
                     "file events: the guest is not listening yet; {} dropped{s}",
-                    batch.len() as u64 + dropped.load(std::sync::atomic::Ordering::Relaxed)
+                    batch.len() as u64 + dropped.load(Ordering::Relaxed)
                 );
             }
         }
@@ -227,7 +289,6 @@ fn connect(uds: &Path) -> std::io::Result<UnixStream> {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
-    use std::time::Instant;
 
     /// A stand-in for the VMM's vsock socket and the agent's port: accepts
     /// `CONNECT 1032`, answers OK and collects the event lines.
@@ -252,18 +313,23 @@ mod tests {
         rx
     }
 
-    fn wait_for(rx: &std::sync::mpsc::Receiver<String>, want: &str) -> Duration {
+    /// The lines that arrived before `want`, and when it came.
+    fn lines_until(rx: &std::sync::mpsc::Receiver<String>, want: &str) -> (Vec<String>, Duration) {
         let t = Instant::now();
         let mut got = Vec::new();
         while t.elapsed() < Duration::from_secs(10) {
             if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
                 if l == want {
-                    return t.elapsed();
+                    return (got, t.elapsed());
                 }
                 got.push(l);
             }
         }
         panic!("no {want:?} within 10 s; got {got:?}");
+    }
+
+    fn wait_for(rx: &std::sync::mpsc::Receiver<String>, want: &str) -> Duration {
+        lines_until(rx, want).1
     }
 
     #[test]
@@ -307,6 +373,62 @@ mod tests {
                 .all(|l| !l.contains("not-held") && !l.contains("late")),
             "{rest:?}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_guests_own_changes_are_not_sent_back() {
+        use crate::virtio::fs::testing::Guest;
+        use crate::virtio::fs::{ShareFs, ShareOptions};
+        use fuse_backend_rs::abi::fuse_abi::{EntryOut, OpenOut};
+        use vm_memory::ByteValued;
+        let dir = std::env::temp_dir().join(format!("berth-echo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("share")).unwrap();
+        let uds = dir.join("vsock.sock");
+        let rx = fake_guest(&uds);
+        let w = HostWatcher::start(&uds).unwrap();
+        let fs = ShareFs::new(
+            &dir.join("share"),
+            ShareOptions {
+                read_only: false,
+                max_inodes: 100,
+                max_handles: 100,
+            },
+        )
+        .unwrap()
+        .with_watch(w.clone());
+        let mut g = Guest::with_fs(fs);
+        assert_eq!(w.watched(), 1, "the share's root is watched");
+        // The guest creates, writes and removes 50 files: its kernel has
+        // told its own watchers; none of it comes back.
+        for i in 0..50 {
+            let e = g.create(1, &format!("g{i}"), 0o644).ok();
+            let out = EntryOut::from_slice(&e[..std::mem::size_of::<EntryOut>()])
+                .copied()
+                .unwrap();
+            let open = OpenOut::from_slice(&e[std::mem::size_of::<EntryOut>()..])
+                .copied()
+                .unwrap();
+            g.write(out.nodeid, open.fh, b"from the guest").ok();
+            g.release(out.nodeid, open.fh).ok();
+            if i % 2 == 0 {
+                g.unlink(1, &format!("g{i}")).ok();
+            }
+        }
+        // A host change right after is sent, and is the first line.
+        let host = dir.join("share/from-host");
+        std::fs::write(&host, "x").unwrap();
+        let (mut before, _) = lines_until(&rx, &format!("create {}", host.display()));
+        std::thread::sleep(Duration::from_millis(300));
+        before.extend(rx.try_iter());
+        assert!(before.iter().all(|l| !l.contains("/g")), "{before:?}");
+        assert!(w.echoes_dropped() >= 50, "{} echoes", w.echoes_dropped());
+        // Later host edits of a file the guest wrote are sent again.
+        std::thread::sleep(ECHO);
+        let g1 = dir.join("share/g1");
+        std::fs::write(&g1, "edited on the host").unwrap();
+        wait_for(&rx, &format!("modify {}", g1.display()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
