@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
-use berth_proto::share::{FsEvent, ShareSpec, FS_EVENTS_PORT, MAX_EVENT_LINE};
+use berth_proto::share::{FsEvent, ShareSpec, FS_EVENTS_PORT, MAX_EVENT_LINE, RECLAIM_LINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::vsock::{accept_failed, listen};
@@ -91,6 +91,10 @@ async fn read_events<S: tokio::io::AsyncRead + Unpin>(
             }
             Ok(_) => {}
         }
+        if line.trim_end_matches('\n') == RECLAIM_LINE {
+            reclaim();
+            continue;
+        }
         let Some(ev) = FsEvent::parse(line.trim_end_matches('\n')) else {
             continue;
         };
@@ -108,6 +112,33 @@ async fn read_events<S: tokio::io::AsyncRead + Unpin>(
             Err(TrySendError::Disconnected(_)) => break,
         }
     }
+}
+
+/// Reclaims at most this often, however often backends ask.
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A backend is short of descriptors: the kernel drops the dentries and
+/// inodes nothing holds (`drop_caches` 2, every file system: a share's
+/// cannot be chosen without a kernel change), so FORGETs reach the
+/// server. Runs off the async threads; one at a time, rate-limited.
+fn reclaim() {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let Ok(mut last) = LAST.lock() else { return };
+        if last.is_some_and(|t| t.elapsed() < RECLAIM_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    tokio::task::spawn_blocking(|| {
+        if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "2") {
+            tracing::warn!("cannot release cached inodes for a shared folder: {e}");
+        } else {
+            tracing::debug!(
+                "released cached inodes: a shared folder's backend was short of descriptors"
+            );
+        }
+    });
 }
 
 /// Writes each event to the kernel, one `write` per event.

@@ -6,6 +6,7 @@
 //! host, e.g. `berth-agent bench-ping <N>` through `exec`.
 
 mod bench;
+mod bindcheck;
 mod cmdline;
 mod console;
 mod control;
@@ -122,7 +123,19 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         async move { net::setup(&reaper, net.as_ref()).await }
     });
     init::setup_cgroups().context("setting up cgroup v2")?;
-    daemons::write_configs(settings.net.as_ref()).context("writing daemon configuration")?;
+    // dockerd asks the bind-mount check before creating a container; it
+    // is configured only once its socket listens (dockerd refuses to
+    // start with a plugin it cannot reach).
+    let bind_check = !settings.shares.is_empty()
+        && match bindcheck::start(settings.shares.clone()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("the bind-mount check cannot listen ({e}); dockerd runs without it");
+                false
+            }
+        };
+    daemons::write_configs(settings.net.as_ref(), bind_check)
+        .context("writing daemon configuration")?;
 
     let disk = match datadisk::prepare(&reaper, &settings.data_disk, settings.data_fresh).await {
         Ok(state) => state,

@@ -10,6 +10,11 @@ use std::fmt;
 /// one [`FsEvent`] line per change it saw on the host; the agent raises the
 /// matching inotify events in the guest.
 pub const FS_EVENTS_PORT: u32 = 1032;
+/// A line a backend sends on [`FS_EVENTS_PORT`] when the guest holds most
+/// of the inodes it may hold on that share (each costs the backend a host
+/// descriptor): the agent then has the guest kernel let go of the cached
+/// names and inodes nothing uses, which sends the server their FORGETs.
+pub const RECLAIM_LINE: &str = "reclaim";
 /// The longest event line accepted (a path is at most `PATH_MAX`, 4096,
 /// percent-encoded up to three times that).
 pub const MAX_EVENT_LINE: usize = 3 * 4096 + 16;

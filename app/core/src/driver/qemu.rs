@@ -36,15 +36,27 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
     for (i, share) in spec.shares.iter().enumerate() {
         let sock = st.vhost_fs_sock(i);
         let _ = std::fs::remove_file(&sock);
-        let mut fs = tokio::process::Command::new(&vmm);
-        fs.args(["vhost-user", "fs", "--socket"])
-            .arg(&sock)
-            .arg("--dir")
-            .arg(&share.path)
-            .arg("--events-vsock")
-            .arg(st.vsock_sock());
-        if share.read_only {
-            fs.arg("--read-only");
+        let mut fs;
+        if let Some(virtiofsd) = std::env::var_os("BERTH_BENCH_VIRTIOFSD") {
+            // Benchmarks only: QEMU's own virtiofsd serves the folder, as
+            // a reference (no file events, no read-only shares, no
+            // ownership mapping).
+            fs = tokio::process::Command::new(virtiofsd);
+            fs.arg(format!("--socket-path={}", sock.display()))
+                .arg("-o")
+                .arg(format!("source={}", share.path))
+                .args(["-o", "cache=auto"]);
+        } else {
+            fs = tokio::process::Command::new(&vmm);
+            fs.args(["vhost-user", "fs", "--socket"])
+                .arg(&sock)
+                .arg("--dir")
+                .arg(&share.path)
+                .arg("--events-vsock")
+                .arg(st.vsock_sock());
+            if share.read_only {
+                fs.arg("--read-only");
+            }
         }
         let started = fs
             .stdin(Stdio::null())

@@ -113,25 +113,49 @@ fn same_paths(ctx: &Ctx) {
         "/src/hello",
     ]);
     assert_eq!(out, "from the host\n");
-    // A host path in no share: dockerd cannot create it on the guest's
-    // read-only root, and says so (rather than mounting an empty directory).
-    let out = ctx.docker(&[
+    // A host path in no share is refused before dockerd would make an
+    // empty directory for it in the guest (the agent's authorization
+    // plugin), with the way to share it — on the guest's read-only root
+    // and in its writable places alike, for `-v` and `--mount`.
+    for (flag, arg) in [
+        ("-v", "/opt/berth-e2e-not-shared:/x"),
+        ("-v", "/var/berth-e2e-not-shared:/x"),
+        (
+            "--mount",
+            "type=bind,source=/var/berth-e2e-not-shared,target=/x",
+        ),
+    ] {
+        let out = ctx.docker(&["run", "--rm", flag, arg, BB, "true"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("is not in a folder shared with the Berth VM")
+                && err.contains("berth config set shares")
+                && err.contains("berth restart"),
+            "{flag} {arg}: {err}"
+        );
+        println!(
+            "    a path in no share ({flag}): {}",
+            err.lines().next().unwrap_or("").trim()
+        );
+    }
+    assert!(
+        !ctx.berth_ok(&["shell", "--", "ls", "/var"])
+            .contains("berth-e2e-not-shared"),
+        "an empty directory was made in the guest"
+    );
+    // Paths that exist in the guest still bind as before.
+    let out = ctx.docker_ok(&[
         "run",
         "--rm",
         "-v",
-        "/opt/berth-e2e-not-shared:/x",
+        "/var/run/docker.sock:/var/run/docker.sock",
         BB,
-        "true",
+        "test",
+        "-S",
+        "/var/run/docker.sock",
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("read-only file system"),
-        "{err}"
-    );
-    println!(
-        "    a path in no share: {}",
-        err.lines().next().unwrap_or("").trim()
-    );
+    assert_eq!(out, "");
     // Changing the shares while the VM runs says a restart is needed.
     let current = ctx.berth_ok(&["config", "get", "shares"]);
     let out = ctx.berth_ok(&["config", "set", "shares", current.trim()]);

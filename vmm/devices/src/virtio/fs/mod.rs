@@ -23,7 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use super::device::{read_config_window, QueueInterrupt, VirtioDevice};
 use super::queue::Pass;
 use super::worker::{QueueEngine, Worker};
-pub use share::{ShareFs, ShareOptions, CACHE_TIMEOUT, OWNER_XATTR};
+pub use share::{ShareFs, ShareOptions, CACHE_TIMEOUT, OWNER_XATTR, RECLAIM_WAIT};
 
 const VIRTIO_ID_FS: u32 = 26;
 /// QEMU's vhost-user-fs-device asks for 1024 (its default), as virtiofsd offers.

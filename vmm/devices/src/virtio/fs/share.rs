@@ -49,6 +49,14 @@ pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const SUID_SGID: u32 = libc::S_ISUID | libc::S_ISGID;
 
+/// The guest is asked to let go of the inodes it does not use once it
+/// holds this share of the bound (in quarters), at most every
+/// [`RECLAIM_EVERY`]; at the bound a lookup waits up to [`RECLAIM_WAIT`]
+/// for its FORGETs before failing with `ENFILE`.
+const RECLAIM_AT_QUARTERS: usize = 3;
+const RECLAIM_EVERY: Duration = Duration::from_millis(250);
+pub const RECLAIM_WAIT: Duration = Duration::from_secs(2);
+
 /// Directory offsets after `.` and after `..`, which come last: no host
 /// file system hands out offsets this large (they are negative as `off_t`).
 const DOT_OFF: u64 = u64::MAX - 1;
@@ -95,6 +103,10 @@ pub struct ShareFs {
     watch: Option<std::sync::Arc<dyn super::watch::DirWatch>>,
     opts: ShareOptions,
     nodes: Mutex<HashMap<u64, Node>>,
+    /// Signalled when the guest forgets an inode.
+    freed: std::sync::Condvar,
+    /// When the guest was last asked to let go of inodes.
+    last_reclaim: Mutex<Option<std::time::Instant>>,
     /// Handles the guest holds open (released only once each).
     handles: Mutex<std::collections::HashSet<u64>>,
     log: Mutex<berth_limits::RateLimiter>,
@@ -163,6 +175,8 @@ impl ShareFs {
             watch: None,
             opts,
             nodes: Mutex::new(HashMap::new()),
+            freed: std::sync::Condvar::new(),
+            last_reclaim: Mutex::new(None),
             handles: Mutex::new(std::collections::HashSet::new()),
             log: Mutex::new(berth_limits::RateLimiter::default()),
         })
@@ -324,14 +338,58 @@ impl ShareFs {
             return Ok(entry);
         }
         let node = self.peek(&entry)?;
-        if node.refs == 0 && self.inodes() >= self.opts.max_inodes {
-            // Undo the passthrough's own lookup count.
-            self.inner.forget(&Context::new(), entry.inode, 1);
-            return Err(self.full());
+        if node.refs == 0 {
+            if let Err(e) = self.make_room() {
+                // Undo the passthrough's own lookup count.
+                self.inner.forget(&Context::new(), entry.inode, 1);
+                return Err(e);
+            }
         }
         Self::show(&mut entry.attr, node.owner);
         self.hold(&entry, node);
         Ok(entry)
+    }
+
+    /// Room for one more inode: past three quarters of the bound the
+    /// guest is asked to let go of those it does not use; at the bound this
+    /// waits for its FORGETs (served on the other queue) for up to
+    /// [`RECLAIM_WAIT`].
+    fn make_room(&self) -> io::Result<()> {
+        let max = self.opts.max_inodes;
+        let held = self.inodes();
+        if held < max / 4 * RECLAIM_AT_QUARTERS {
+            return Ok(());
+        }
+        self.ask_reclaim();
+        if held < max {
+            return Ok(());
+        }
+        if self.watch.is_none() {
+            // Nobody can ask the guest to let go.
+            return Err(self.full());
+        }
+        let nodes = self.nodes.lock().map_err(|_| err(libc::EIO))?;
+        let count = |n: &HashMap<u64, Node>| n.len() - usize::from(n.contains_key(&ROOT_ID));
+        let (nodes, _) = self
+            .freed
+            .wait_timeout_while(nodes, RECLAIM_WAIT, |n| count(n) >= max)
+            .map_err(|_| err(libc::EIO))?;
+        if count(&nodes) >= max {
+            drop(nodes);
+            return Err(self.full());
+        }
+        Ok(())
+    }
+
+    fn ask_reclaim(&self) {
+        let Some(w) = &self.watch else { return };
+        if let Ok(mut last) = self.last_reclaim.lock() {
+            if last.is_some_and(|t| t.elapsed() < RECLAIM_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        w.reclaim();
     }
 
     fn full(&self) -> io::Error {
@@ -354,6 +412,7 @@ impl ShareFs {
                     let dir = n.kind == libc::S_IFDIR;
                     if gone {
                         nodes.remove(&inode);
+                        self.freed.notify_all();
                     }
                     gone && dir
                 }
@@ -377,6 +436,7 @@ impl ShareFs {
                 .collect(),
             Err(_) => Vec::new(),
         };
+        self.freed.notify_all();
         if let Some(w) = &self.watch {
             for d in dirs {
                 w.unwatch(d);
@@ -905,10 +965,12 @@ impl FileSystem for ShareFs {
                     return add_entry(d, e);
                 }
                 let node = self.peek(&e)?;
-                if node.refs == 0 && self.inodes() >= self.opts.max_inodes {
-                    // An error leaves the passthrough's own count to us.
-                    self.inner.forget(&Context::new(), e.inode, 1);
-                    return Err(self.full());
+                if node.refs == 0 {
+                    if let Err(x) = self.make_room() {
+                        // An error leaves the passthrough's own count to us.
+                        self.inner.forget(&Context::new(), e.inode, 1);
+                        return Err(x);
+                    }
                 }
                 Self::show(&mut e.attr, node.owner);
                 let n = add_entry(d, e)?;

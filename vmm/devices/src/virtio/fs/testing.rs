@@ -112,11 +112,16 @@ impl Guest {
 
     /// A guest of an already built share (e.g. one with a watcher).
     pub fn with_fs(fs: ShareFs) -> Guest {
+        Guest::with_shared(Arc::new(fs))
+    }
+
+    /// A guest of a share the test also drives directly.
+    pub fn with_shared(fs: Arc<ShareFs>) -> Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let vq = TestQueue::new(&mem, GuestAddress(0), 16);
         let queue = vq.queue();
         let counters = Arc::new(FsCounters::default());
-        let engine = FsEngine::new(Arc::new(Server::new(Arc::new(fs))), counters.clone());
+        let engine = FsEngine::new(Arc::new(Server::new(fs)), counters.clone());
         let mut g = Guest {
             mem,
             vq,

@@ -481,3 +481,90 @@ fn listings_have_dot_and_dotdot_once_at_any_buffer_size() {
         }
     }
 }
+
+/// Stands in for the host watcher and the guest kernel: when asked to
+/// reclaim, a cooperative guest forgets the inodes it was told it holds
+/// (as the agent's `drop_caches` makes the kernel do).
+struct ReclaimingGuest {
+    fs: std::sync::Mutex<Option<std::sync::Arc<ShareFs>>>,
+    unused: std::sync::Mutex<Vec<u64>>,
+    cooperative: bool,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+impl watch::DirWatch for ReclaimingGuest {
+    fn watch(&self, _: u64, _: PathBuf) {}
+    fn unwatch(&self, _: u64) {}
+    fn guest_changed(&self, _: PathBuf) {}
+    fn reclaim(&self) {
+        use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        if !self.cooperative {
+            return;
+        }
+        let fs = self.fs.lock().unwrap().clone().unwrap();
+        let unused: Vec<u64> = std::mem::take(&mut *self.unused.lock().unwrap());
+        // FORGETs come on the other queue, from another thread.
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            for n in unused {
+                fs.forget(&Context::new(), n, 1);
+            }
+        });
+    }
+}
+
+#[test]
+fn at_the_inode_bound_the_guest_is_asked_to_let_go_and_the_lookup_waits() {
+    let s = Scratch::new("reclaim");
+    for i in 0..10 {
+        fs::write(s.share().join(format!("f{i}")), b"x").unwrap();
+    }
+    for cooperative in [true, false] {
+        let w = std::sync::Arc::new(ReclaimingGuest {
+            fs: std::sync::Mutex::new(None),
+            unused: std::sync::Mutex::new(Vec::new()),
+            cooperative,
+            asked: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let share = std::sync::Arc::new(
+            ShareFs::new(
+                &s.share(),
+                ShareOptions {
+                    read_only: false,
+                    max_inodes: 8,
+                    max_handles: 100,
+                },
+            )
+            .unwrap()
+            .with_watch(w.clone()),
+        );
+        *w.fs.lock().unwrap() = Some(share.clone());
+        let mut g = Guest::with_shared(share.clone());
+        // Below three quarters of the bound nobody is asked.
+        let held: Vec<u64> = (0..6)
+            .map(|i| g.lookup(1, &format!("f{i}")).entry().nodeid)
+            .collect();
+        assert_eq!(w.asked.load(Ordering::Relaxed), 0);
+        // From there on the guest is asked (at most every 250 ms).
+        g.lookup(1, "f6").entry();
+        g.lookup(1, "f7").entry();
+        assert_eq!(w.asked.load(Ordering::Relaxed), 1);
+        // At the bound: a cooperative guest lets go and the lookup goes
+        // on; one that holds on gets ENFILE after the wait.
+        // (Only now has the guest closed the first six.)
+        w.unused.lock().unwrap().extend(held);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        let r = g.lookup(1, "f8");
+        if cooperative {
+            assert_eq!(r.errno(), 0);
+            assert!(share.inodes() <= 3, "{} held", share.inodes());
+        } else {
+            assert_eq!(r.errno(), libc::ENFILE);
+            assert!(t.elapsed() >= RECLAIM_WAIT);
+            assert_eq!(share.inodes(), 8);
+        }
+        assert_eq!(w.asked.load(Ordering::Relaxed), 2);
+    }
+}

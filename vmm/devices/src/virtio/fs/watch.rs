@@ -18,7 +18,7 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_proto::share::{FsEvent, FsEventKind, FS_EVENTS_PORT};
+use berth_proto::share::{FsEvent, FsEventKind, FS_EVENTS_PORT, RECLAIM_LINE};
 use notify::event::{ModifyKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
@@ -43,6 +43,15 @@ pub trait DirWatch: Send + Sync {
     /// The guest is about to change `path` (create, write, rename, remove,
     /// attributes): the host event that follows is an echo.
     fn guest_changed(&self, path: PathBuf);
+    /// The guest holds most of the inodes it may: ask it to let go of
+    /// those it does not use.
+    fn reclaim(&self);
+}
+
+/// What the sender thread sends.
+enum Line {
+    Event(FsEvent),
+    Reclaim,
 }
 
 /// Paths the guest changed recently, with when.
@@ -72,6 +81,7 @@ impl Echoes {
 
 /// Watches the directories the guest holds and forwards their changes.
 pub struct HostWatcher {
+    tx: std::sync::mpsc::SyncSender<Line>,
     watcher: Mutex<RecommendedWatcher>,
     dirs: Mutex<HashMap<u64, PathBuf>>,
     echoes: Arc<Mutex<Echoes>>,
@@ -124,11 +134,12 @@ impl HostWatcher {
     /// Starts watching (nothing yet) and sending to the guest's port
     /// [`FS_EVENTS_PORT`] through `vsock_uds`.
     pub fn start(vsock_uds: &Path) -> notify::Result<Arc<HostWatcher>> {
-        let (tx, rx) = sync_channel::<FsEvent>(QUEUE);
+        let (tx, rx) = sync_channel::<Line>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let echoes = Arc::new(Mutex::new(Echoes::default()));
         let echoed = Arc::new(AtomicU64::new(0));
         let handler = {
+            let tx = tx.clone();
             let (dropped, echoes, echoed) = (dropped.clone(), echoes.clone(), echoed.clone());
             move |res: notify::Result<notify::Event>| {
                 let Ok(ev) = res else { return };
@@ -142,7 +153,7 @@ impl HostWatcher {
                         echoed.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    if let Err(TrySendError::Full(_)) = tx.try_send(e) {
+                    if let Err(TrySendError::Full(_)) = tx.try_send(Line::Event(e)) {
                         dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -155,6 +166,7 @@ impl HostWatcher {
             .spawn(move || send_loop(&uds, rx, &dropped))
             .map_err(notify::Error::io)?;
         Ok(Arc::new(HostWatcher {
+            tx,
             watcher: Mutex::new(watcher),
             dirs: Mutex::new(HashMap::new()),
             echoes,
@@ -192,6 +204,10 @@ impl DirWatch for HostWatcher {
         }
     }
 
+    fn reclaim(&self) {
+        let _ = self.tx.try_send(Line::Reclaim);
+    }
+
     fn guest_changed(&self, path: PathBuf) {
         if let Ok(mut e) = self.echoes.lock() {
             e.note(path, Instant::now());
@@ -216,7 +232,7 @@ impl DirWatch for HostWatcher {
 /// Sends events to the guest, connecting (again) as needed. Events that
 /// arrive while the guest cannot be reached are dropped: they describe
 /// changes the guest will see when it looks.
-fn send_loop(uds: &Path, rx: Receiver<FsEvent>, dropped: &AtomicU64) {
+fn send_loop(uds: &Path, rx: Receiver<Line>, dropped: &AtomicU64) {
     let mut conn: Option<UnixStream> = None;
     let mut log = berth_limits::RateLimiter::default();
     loop {
@@ -238,9 +254,20 @@ fn send_loop(uds: &Path, rx: Receiver<FsEvent>, dropped: &AtomicU64) {
         }
         let mut seen = HashSet::new();
         let mut text = String::new();
-        for e in &batch {
-            if seen.insert((e.kind, e.path.as_str())) {
-                text.push_str(&e.encode());
+        let mut reclaim = false;
+        for l in &batch {
+            match l {
+                Line::Event(e) => {
+                    if seen.insert((e.kind, e.path.as_str())) {
+                        text.push_str(&e.encode());
+                    }
+                }
+                Line::Reclaim if !reclaim => {
+                    reclaim = true;
+                    text.push_str(RECLAIM_LINE);
+                    text.push('\n');
+                }
+                Line::Reclaim => {}
             }
         }
         for attempt in 0..2 {
