@@ -40,7 +40,7 @@ const MAX_CONNS: usize = 64;
 struct AuthzRequest {
     #[serde(default)]
     request_method: String,
-    #[serde(default, rename = "RequestURI")]
+    #[serde(default, rename = "RequestUri", alias = "RequestURI")]
     request_uri: String,
     #[serde(default)]
     request_body: Option<String>,
@@ -392,7 +392,7 @@ mod tests {
         ));
         let req = serde_json::json!({
             "User": "", "RequestMethod": "POST",
-            "RequestURI": "/v1.47/containers/create", "RequestBody": body,
+            "RequestUri": "/v1.47/containers/create", "RequestBody": body,
         });
         let r = answer(
             "/AuthZPlugin.AuthZReq",
@@ -401,7 +401,7 @@ mod tests {
         );
         assert_eq!(r["Allow"], false);
         assert!(r["Msg"].as_str().unwrap().contains("/nowhere/at/all"));
-        let ok = serde_json::json!({ "RequestMethod": "GET", "RequestURI": "/_ping" });
+        let ok = serde_json::json!({ "RequestMethod": "GET", "RequestUri": "/_ping" });
         assert_eq!(
             answer(
                 "/AuthZPlugin.AuthZReq",

@@ -22,34 +22,41 @@ mod common;
 
 use std::path::Path;
 
-/// Run in the container as `sh -c SCRIPT sh TARGET BIG_MIB`: one line
-/// `phase centiseconds` per phase.
+/// Run in the container as `sh -c SCRIPT sh TARGET TREE BIG_MIB`: one
+/// line `phase centiseconds` per phase, or `failed phase: message` (and
+/// nothing more). TREE `-` skips the tree phases, BIG_MIB 0 the big file.
 const SCRIPT: &str = r#"
-set -e
-T=$1; MIB=$2
+T=$1; TREE=$2; MIB=$3
 now() { read u _ < /proc/uptime; echo "${u%.*}${u#*.}"; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-rm -rf "$T"; mkdir -p "$T"; drop
-a=$(now); tar -xf /dev/shm/tree.tar -C "$T"; sync; b=$(now); echo "extract $((b-a))"
-drop; a=$(now); du -s "$T" > /dev/null; b=$(now); echo "stat-walk $((b-a))"
-drop; a=$(now); find "$T" -type f -exec cat {} + > /dev/null; b=$(now); echo "read-all $((b-a))"
-a=$(now); rm -rf "$T/node_modules"; sync; b=$(now); echo "remove $((b-a))"
-a=$(now); dd if=/dev/zero of="$T/big" bs=1M count="$MIB" conv=fsync 2> /dev/null; b=$(now); echo "write-big $((b-a))"
-drop; a=$(now); dd if="$T/big" of=/dev/null bs=1M 2> /dev/null; b=$(now); echo "read-big $((b-a))"
+step() {
+    name=$1; shift; a=$(now)
+    if ! out=$("$@" 2>&1); then
+        echo "failed $name: $(echo "$out" | tail -n 1)"; rm -rf "$T"; exit 0
+    fi
+    b=$(now); echo "$name $((b-a))"
+}
+rm -rf "$T"; mkdir -p "$T"
+if [ "$TREE" != - ]; then
+    drop; step extract sh -c "tar -xf $TREE -C $T && sync"
+    drop; step stat-walk du -s "$T"
+    drop; step read-all sh -c "find $T -type f -exec cat {} + > /dev/null"
+    step remove sh -c "rm -rf $T/node_modules && sync"
+fi
+if [ "$MIB" != 0 ]; then
+    step write-big dd if=/dev/zero of="$T/big" bs=1M count="$MIB" conv=fsync
+    drop; step read-big dd if="$T/big" of=/dev/null bs=1M
+fi
 rm -rf "$T"
 "#;
 
-const PHASES: [&str; 6] = [
-    "extract",
-    "stat-walk",
-    "read-all",
-    "remove",
-    "write-big",
-    "read-big",
-];
+const TREE_PHASES: [&str; 4] = ["extract", "stat-walk", "read-all", "remove"];
+const BIG_PHASES: [&str; 2] = ["write-big", "read-big"];
 
-/// Seconds per phase, in [`PHASES`] order.
-fn phases(vm: &common::ScratchVm, target: &str, big_mib: u64) -> Vec<f64> {
+/// Seconds per phase, or why it failed.
+type Figures = std::collections::BTreeMap<String, Result<f64, String>>;
+
+fn phases(vm: &common::ScratchVm, target: &str, tree: Option<&str>, big_mib: u64) -> Figures {
     let out = vm.docker(&[
         "exec",
         "fsb",
@@ -58,33 +65,40 @@ fn phases(vm: &common::ScratchVm, target: &str, big_mib: u64) -> Vec<f64> {
         SCRIPT,
         "sh",
         target,
+        tree.unwrap_or("-"),
         &big_mib.to_string(),
     ]);
-    let got: Vec<(String, f64)> = out
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_owned(), v.trim().parse::<f64>().ok()? / 100.0))
-        })
-        .collect();
-    PHASES
-        .iter()
-        .map(|p| {
-            got.iter()
-                .find(|(k, _)| k == p)
-                .unwrap_or_else(|| panic!("no {p} figure in {out:?}"))
-                .1
-        })
-        .collect()
+    let mut got = Figures::new();
+    for l in out.lines() {
+        if let Some(rest) = l.strip_prefix("failed ") {
+            let (k, why) = rest.split_once(": ").unwrap_or((rest, ""));
+            got.insert(k.to_owned(), Err(why.to_owned()));
+        } else if let Some((k, v)) = l.split_once(' ') {
+            if let Ok(cs) = v.trim().parse::<f64>() {
+                got.insert(k.to_owned(), Ok(cs / 100.0));
+            }
+        }
+    }
+    got
 }
 
-struct Run {
-    backend: &'static str,
-    bind: Vec<f64>,
-    volume: Vec<f64>,
+fn show(f: Option<&Result<f64, String>>) -> String {
+    match f {
+        Some(Ok(s)) => format!("{s:.2} s"),
+        Some(Err(_)) => "failed".into(),
+        None => "-".into(),
+    }
 }
 
-fn one_boot(vm: &common::ScratchVm, virtiofsd: Option<&str>, tree: &Path, big_mib: u64) -> Run {
+/// One boot with one backend; every figure is printed as soon as it is
+/// measured (`figure BACKEND TARGET TREE PHASE VALUE`).
+fn one_boot(
+    vm: &common::ScratchVm,
+    virtiofsd: Option<&str>,
+    trees: &[(&str, &Path)],
+    big_mib: u64,
+    plan: &[(&str, &str, bool)],
+) -> std::collections::BTreeMap<(String, String, String), Result<f64, String>> {
     let mut start = vm.cmd(env!("CARGO_BIN_EXE_berth"), &["start"]);
     if let Some(v) = virtiofsd {
         start.env("BERTH_BENCH_VIRTIOFSD", v);
@@ -110,7 +124,7 @@ fn one_boot(vm: &common::ScratchVm, virtiofsd: Option<&str>, tree: &Path, big_mi
         "fsb",
         "--privileged",
         "--shm-size",
-        "512m",
+        "768m",
         "-v",
         &format!("{work}:{work}"),
         "-v",
@@ -119,49 +133,56 @@ fn one_boot(vm: &common::ScratchVm, virtiofsd: Option<&str>, tree: &Path, big_mi
         "sleep",
         "1000000",
     ]);
-    let in_share = vm.work.join("tree.tar");
-    std::fs::copy(tree, &in_share).unwrap();
-    vm.docker(&[
-        "exec",
-        "fsb",
-        "cp",
-        in_share.to_str().unwrap(),
-        "/dev/shm/tree.tar",
-    ]);
+    // The trees are read from the guest's memory, not from the share.
+    for (name, tree) in trees {
+        let in_share = vm.work.join(format!("{name}.tar"));
+        std::fs::copy(tree, &in_share).unwrap();
+        vm.docker(&[
+            "exec",
+            "fsb",
+            "cp",
+            in_share.to_str().unwrap(),
+            &format!("/dev/shm/{name}.tar"),
+        ]);
+        std::fs::remove_file(&in_share).unwrap();
+    }
     let backend = if virtiofsd.is_some() {
-        "QEMU virtiofsd"
+        "virtiofsd"
     } else {
-        "Berth"
+        "berth"
     };
     eprintln!("shares bench: {backend} serving {work} (driver {driver})");
-    let bind = phases(vm, &format!("{work}/bind-t"), big_mib);
-    let volume = phases(vm, "/vol/t", big_mib);
+    let mut all = std::collections::BTreeMap::new();
+    for (target, tree, big) in plan {
+        let dir = match *target {
+            "bind" => format!("{work}/bind-t"),
+            _ => "/vol/t".to_owned(),
+        };
+        let tar = (*tree != "-").then(|| format!("/dev/shm/{tree}.tar"));
+        let f = phases(vm, &dir, tar.as_deref(), if *big { big_mib } else { 0 });
+        for (k, v) in f {
+            println!(
+                "figure {backend} {target} {tree} {k} {}",
+                match &v {
+                    Ok(s) => format!("{s:.2}"),
+                    Err(e) => format!("failed: {e}"),
+                }
+            );
+            let t = if TREE_PHASES.contains(&k.as_str()) {
+                tree
+            } else {
+                &"big"
+            };
+            all.insert((target.to_string(), t.to_string(), k), v);
+        }
+    }
     vm.docker(&["rm", "-f", "fsb"]);
     vm.berth(&["stop"]);
-    Run {
-        backend,
-        bind,
-        volume,
-    }
+    all
 }
 
-fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let Some(tree) = std::env::var_os("BERTH_BENCH_TREE") else {
-        eprintln!(
-            "shares bench SKIPPED: BERTH_BENCH_TREE is not set (scripts/bench.sh makes the npm tree)"
-        );
-        return;
-    };
-    let tree = Path::new(&tree);
-    let virtiofsd = std::env::var("BERTH_BENCH_VIRTIOFSD")
-        .unwrap_or_else(|_| "/usr/lib/qemu/virtiofsd".to_owned());
-    let big_mib: u64 = std::env::var("BERTH_BENCH_BIG_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+/// Files and directories in a tar.
+fn count(tree: &Path) -> (usize, usize) {
     let listing = std::process::Command::new("tar")
         .arg("-tvf")
         .arg(tree)
@@ -175,9 +196,43 @@ fn main() {
             _ => {}
         }
     }
-    let mib = std::fs::metadata(tree).unwrap().len() >> 20;
+    (files, dirs)
+}
 
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let Some(tree) = std::env::var_os("BERTH_BENCH_TREE") else {
+        eprintln!(
+            "shares bench SKIPPED: BERTH_BENCH_TREE is not set (scripts/bench.sh makes the npm tree)"
+        );
+        return;
+    };
+    let full = Path::new(&tree);
+    let virtiofsd = std::env::var("BERTH_BENCH_VIRTIOFSD")
+        .unwrap_or_else(|_| "/usr/lib/qemu/virtiofsd".to_owned());
+    let big_mib: u64 = std::env::var("BERTH_BENCH_BIG_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let vm = common::ScratchVm::new("fsbench");
+    // A smaller tree (without date-fns and rxjs) that fits under this
+    // machine's descriptor limit even for a backend that holds one per
+    // inode the guest caches and never asks it to let go.
+    let small = vm.work.join("small-tree.tar");
+    std::fs::copy(full, &small).unwrap();
+    let st = std::process::Command::new("tar")
+        .args(["--delete", "-f"])
+        .arg(&small)
+        .args(["node_modules/date-fns", "node_modules/rxjs"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar --delete");
+    let trees = [("full", full), ("small", small.as_path())];
+    let sizes: Vec<(usize, usize)> = trees.iter().map(|(_, t)| count(t)).collect();
+    let fd_limit = berth_limits::fds::current_nofile_limit();
+
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     vm.berth(&[
         "config",
@@ -185,18 +240,32 @@ fn main() {
         "dns_servers",
         &dead.local_addr().unwrap().to_string(),
     ]);
-    let mut runs = vec![one_boot(&vm, None, tree, big_mib)];
-    if Path::new(&virtiofsd).exists() {
-        runs.push(one_boot(&vm, Some(&virtiofsd), tree, big_mib));
+    let plan: &[(&str, &str, bool)] = &[
+        ("bind", "full", true),
+        ("volume", "full", true),
+        ("bind", "small", false),
+        ("volume", "small", false),
+    ];
+    let ours = one_boot(&vm, None, &trees, big_mib, plan);
+    let theirs = if Path::new(&virtiofsd).exists() {
+        let plan: &[(&str, &str, bool)] = &[
+            ("bind", "small", true),
+            ("volume", "small", true),
+            ("bind", "full", false),
+        ];
+        one_boot(&vm, Some(&virtiofsd), &trees, big_mib, plan)
     } else {
         eprintln!("shares bench: {virtiofsd} not found; the virtiofsd reference is SKIPPED");
-    }
+        Default::default()
+    };
 
     println!(
-        "\nshared folder, end to end: node_modules tree of {files} files and {dirs} directories ({mib} MiB tar), {big_mib} MiB file"
+        "\nshared folder, end to end (open-file limit {fd_limit}); trees: full = {} files + {} directories, small = {} + {}; big file {big_mib} MiB",
+        sizes[0].0, sizes[0].1, sizes[1].0, sizes[1].1
     );
     println!(
-        "{:<11} {:>14} {:>14} {:>7} {:>16} {:>7} {:>14}",
+        "{:<7} {:<10} {:>13} {:>11} {:>7} {:>15} {:>7} {:>15}",
+        "tree",
         "phase",
         "volume (ext4)",
         "Berth bind",
@@ -205,33 +274,44 @@ fn main() {
         "ratio",
         "volume, boot 2"
     );
-    for (i, p) in PHASES.iter().enumerate() {
-        let vol = runs[0].volume[i];
-        let ours = runs[0].bind[i];
-        let (theirs, vol2) = runs
-            .get(1)
-            .map(|r| (r.bind[i], r.volume[i]))
-            .unwrap_or((f64::NAN, f64::NAN));
+    let get = |m: &std::collections::BTreeMap<(String, String, String), Result<f64, String>>,
+               target: &str,
+               tree: &str,
+               phase: &str| {
+        m.get(&(target.to_owned(), tree.to_owned(), phase.to_owned()))
+            .cloned()
+    };
+    let ratio = |a: &Option<Result<f64, String>>, b: &Option<Result<f64, String>>| match (a, b) {
+        (Some(Ok(a)), Some(Ok(b))) => format!("{:.2}x", a / b),
+        _ => "-".to_owned(),
+    };
+    let rows: Vec<(&str, &str)> = ["full", "small"]
+        .iter()
+        .flat_map(|t| TREE_PHASES.iter().map(move |p| (*t, *p)))
+        .chain(BIG_PHASES.iter().map(|p| ("big", *p)))
+        .collect();
+    for (tree, phase) in rows {
+        let vol = get(&ours, "volume", tree, phase);
+        let bind = get(&ours, "bind", tree, phase);
+        let vbind = get(&theirs, "bind", tree, phase);
+        let vol2 = get(&theirs, "volume", tree, phase);
         println!(
-            "{:<11} {:>12.2} s {:>12.2} s {:>6.2}x {:>14.2} s {:>6.2}x {:>12.2} s",
-            p,
-            vol,
-            ours,
-            ours / vol,
-            theirs,
-            theirs / vol2,
-            vol2
+            "{:<7} {:<10} {:>13} {:>11} {:>7} {:>15} {:>7} {:>15}",
+            tree,
+            phase,
+            show(vol.as_ref()),
+            show(bind.as_ref()),
+            ratio(&bind, &vol),
+            show(vbind.as_ref()),
+            ratio(&vbind, &vol2.clone().or(vol.clone())),
+            show(vol2.as_ref()),
         );
     }
-    for r in &runs {
-        let mbs = |secs: f64| big_mib as f64 / secs;
-        println!(
-            "{}: big file write {:.0} MiB/s, read {:.0} MiB/s on the bind mount; volume {:.0} / {:.0} MiB/s",
-            r.backend,
-            mbs(r.bind[4]),
-            mbs(r.bind[5]),
-            mbs(r.volume[4]),
-            mbs(r.volume[5])
-        );
+    for (name, m) in [("Berth", &ours), ("virtiofsd", &theirs)] {
+        for ((target, tree, phase), v) in m.iter() {
+            if let Err(e) = v {
+                println!("{name} {target} {tree} {phase} failed: {e}");
+            }
+        }
     }
 }

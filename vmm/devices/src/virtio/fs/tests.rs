@@ -568,3 +568,31 @@ fn at_the_inode_bound_the_guest_is_asked_to_let_go_and_the_lookup_waits() {
         assert_eq!(w.asked.load(Ordering::Relaxed), 2);
     }
 }
+
+#[test]
+fn init_offers_big_requests_and_missing_names_are_cached_as_missing() {
+    use fuse_backend_rs::abi::fuse_abi::{InitIn, InitOut};
+    let s = Scratch::new("init");
+    let mut g = Guest::new(&s.share(), opts());
+    // What Linux 6.1's virtio-fs offers, among others: big writes and
+    // max pages (flags2 carries nothing we need).
+    let big_writes = 0x20;
+    let max_pages = 0x40_0000;
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 1 << 17,
+        flags: big_writes | max_pages,
+    };
+    let b = g.call(INIT, 0, &obj(init)).ok();
+    let out = *InitOut::from_slice(&b[..std::mem::size_of::<InitOut>()]).unwrap();
+    assert_eq!(out.max_write, 1 << 20, "flags {:#x}", out.flags);
+    assert_eq!(out.max_pages, 256);
+    // A missing name: node id 0 with the cache timeout, not ENOENT.
+    let e = g.lookup(1, "not-here").entry();
+    assert_eq!(e.nodeid, 0);
+    assert_eq!(e.entry_valid, CACHE_TIMEOUT.as_secs());
+    // Once there, it is found.
+    fs::write(s.share().join("not-here"), b"x").unwrap();
+    assert_ne!(g.lookup(1, "not-here").entry().nodeid, 0);
+}
