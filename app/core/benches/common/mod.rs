@@ -58,6 +58,13 @@ impl ScratchVm {
 
 impl Drop for ScratchVm {
     fn drop(&mut self) {
+        // A bench that panicked must not leave its VM running (a stray
+        // TCG guest takes CPU from every later measurement).
+        let _ = self
+            .cmd(env!("CARGO_BIN_EXE_berth"), &["stop", "--force"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }
