@@ -345,40 +345,22 @@ mod tests {
     #[test]
     fn other_requests_and_unreadable_bodies_pass() {
         let b = create(serde_json::json!({ "Binds": ["/opt/project:/src"] }));
-        assert_eq!(
-            check("GET", "/v1.47/containers/json", &b, &shares(), guest_has),
-            None
-        );
-        assert_eq!(
-            check(
-                "POST",
-                "/v1.47/containers/abc/start",
-                &b,
-                &shares(),
-                guest_has
-            ),
-            None
-        );
-        assert_eq!(
-            check(
+        for (method, uri, body) in [
+            ("GET", "/v1.47/containers/json", b.as_slice()),
+            ("POST", "/v1.47/containers/abc/start", b.as_slice()),
+            ("POST", "/containers/create", b"not json".as_slice()),
+            (
                 "POST",
                 "/containers/create",
-                b"not json",
-                &shares(),
-                guest_has
+                b"{\"HostConfig\":null}".as_slice(),
             ),
-            None
-        );
-        assert_eq!(
-            check(
-                "POST",
-                "/containers/create",
-                b"{\"HostConfig\":null}",
-                &shares(),
-                guest_has
-            ),
-            None
-        );
+        ] {
+            assert_eq!(
+                check(method, uri, body, &shares(), guest_has),
+                None,
+                "{method} {uri}"
+            );
+        }
     }
 
     #[test]

@@ -394,13 +394,7 @@ fn wait_echo(addr: SocketAddr) {
 fn through_vm(total: u64) {
     let vm = common::ScratchVm::new("netbench");
     // A resolver nobody answers on: nothing in the VM resolves outside.
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    vm.berth(&[
-        "config",
-        "set",
-        "dns_servers",
-        &dead.local_addr().unwrap().to_string(),
-    ]);
+    let _dead = vm.no_outside_dns();
     vm.berth(&["start"]);
     let st: serde_json::Value = serde_json::from_str(&vm.berth(&["status", "--json"])).unwrap();
     let driver = st["driver"].as_str().unwrap_or("?").to_owned();

@@ -47,6 +47,20 @@ impl ScratchVm {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Points the VM's resolver at a loopback port nobody answers on, so
+    /// nothing in the VM resolves (or reaches) anything outside this
+    /// machine. Keep the socket for as long as the VM runs.
+    pub fn no_outside_dns(&self) -> std::net::UdpSocket {
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        self.berth(&[
+            "config",
+            "set",
+            "dns_servers",
+            &dead.local_addr().unwrap().to_string(),
+        ]);
+        dead
+    }
+
     pub fn berth(&self, args: &[&str]) -> String {
         self.run(env!("CARGO_BIN_EXE_berth"), args)
     }
