@@ -1,50 +1,27 @@
-//! A dockerd authorization plugin, `berth-shares`, that refuses to create
-//! a container whose bind mount names a host path in no shared folder.
+//! The check that refuses to create a container whose bind mount names a
+//! host path in no shared folder.
 //!
 //! dockerd makes a missing `-v` source itself: for a host path outside
 //! every share that would be an empty directory in the VM, and the
-//! container would silently run without the user's files. dockerd asks
-//! this plugin before each API request (`authorization-plugins` in
-//! daemon.json, socket under `/run/docker/plugins`); for `POST
-//! /containers/create` the plugin reads the bind mounts (`HostConfig.Binds`
-//! and `HostConfig.Mounts` of type `bind`) and refuses, with a message
-//! that says how to share the folder, any absolute source that is in no
-//! share and does not exist in the guest. Sources in a share, and paths
-//! that exist in the guest (`/var/run/docker.sock`, `/etc/localtime`, …),
-//! pass as before. A request the plugin cannot read is allowed: dockerd
-//! validates it itself; this is a guide for users, not a security boundary.
+//! container would silently run without the user's files. The agent's
+//! Docker-port forwarder ([`crate::httpgate`]) holds back each `POST
+//! /containers/create` from the host and asks [`BindCheck`]: it reads the
+//! bind mounts (`HostConfig.Binds` and `HostConfig.Mounts` of type `bind`)
+//! and refuses, with a message that says how to share the folder, any
+//! absolute source that is in no share and does not exist in the guest.
+//! Sources in a share, and paths that exist in the guest
+//! (`/var/run/docker.sock`, `/etc/localtime`, …), pass as before. A request
+//! the check cannot read is allowed: dockerd validates it itself; this is a
+//! guide for users, not a security boundary. Every other request passes
+//! without being held (an earlier dockerd authorization plugin cost every
+//! API call two extra round trips).
 
-use std::convert::Infallible;
 use std::path::{Component, Path, PathBuf};
 
-use base64::Engine;
 use berth_proto::share::ShareSpec;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
-/// The plugin's name, as daemon.json lists it.
-pub const PLUGIN: &str = "berth-shares";
-/// Where dockerd looks for it.
-pub const SOCKET: &str = "/run/docker/plugins/berth-shares.sock";
-/// The largest request accepted: dockerd forwards bodies up to 1 MiB,
-/// base64-encoded.
-const MAX_REQUEST: usize = 4 << 20;
-/// Requests served at once (dockerd is the only client).
-const MAX_CONNS: usize = 64;
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct AuthzRequest {
-    #[serde(default)]
-    request_method: String,
-    #[serde(default, rename = "RequestUri", alias = "RequestURI")]
-    request_uri: String,
-    #[serde(default)]
-    request_body: Option<String>,
-}
+use crate::httpgate::{api_path, Gate};
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]
@@ -73,18 +50,7 @@ struct MountSpec {
 
 /// Whether `uri` is `/containers/create` (with or without an API version).
 fn is_create(method: &str, uri: &str) -> bool {
-    if method != "POST" {
-        return false;
-    }
-    let path = uri.split('?').next().unwrap_or("");
-    let rest = match path.strip_prefix("/v") {
-        Some(r) => match r.split_once('/') {
-            Some((v, rest)) if v.chars().all(|c| c.is_ascii_digit() || c == '.') => rest,
-            _ => return false,
-        },
-        None => path.strip_prefix('/').unwrap_or(path),
-    };
-    rest.trim_end_matches('/') == "containers/create"
+    method == "POST" && api_path(uri) == "containers/create"
 }
 
 /// The absolute host paths a create request bind-mounts.
@@ -178,95 +144,23 @@ pub fn check(
     None
 }
 
-/// The reply to one plugin call.
-fn answer(path: &str, body: &[u8], shares: &[ShareSpec]) -> serde_json::Value {
-    match path {
-        "/Plugin.Activate" => serde_json::json!({ "Implements": ["authz"] }),
-        "/AuthZPlugin.AuthZReq" => {
-            let Ok(req) = serde_json::from_slice::<AuthzRequest>(body) else {
-                return serde_json::json!({ "Allow": true });
-            };
-            let create = req
-                .request_body
-                .as_deref()
-                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                .unwrap_or_default();
-            match check(
-                &req.request_method,
-                &req.request_uri,
-                &create,
-                shares,
-                |p| p.symlink_metadata().is_ok(),
-            ) {
-                None => serde_json::json!({ "Allow": true }),
-                Some(msg) => {
-                    tracing::info!("refused a container: {msg}");
-                    serde_json::json!({ "Allow": false, "Msg": msg })
-                }
-            }
-        }
-        // Responses are never changed.
-        "/AuthZPlugin.AuthZRes" => serde_json::json!({ "Allow": true }),
-        _ => serde_json::json!({ "Err": format!("{PLUGIN}: unknown call {path}") }),
+/// The bind-mount check for one VM's shares.
+#[derive(Debug)]
+pub struct BindCheck {
+    pub shares: Vec<ShareSpec>,
+}
+
+impl Gate for BindCheck {
+    fn wants(&self, method: &str, uri: &str) -> bool {
+        is_create(method, uri)
     }
-}
 
-async fn handle(
-    req: Request<hyper::body::Incoming>,
-    shares: std::sync::Arc<Vec<ShareSpec>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let path = req.uri().path().to_owned();
-    let body = match Limited::new(req.into_body(), MAX_REQUEST).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
-    let reply = answer(&path, &body, &shares);
-    let mut resp = Response::new(Full::new(Bytes::from(reply.to_string())));
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/vnd.docker.plugins.v1.2+json"),
-    );
-    Ok(resp)
-}
-
-/// Listens on [`SOCKET`] and serves the plugin; dockerd may be configured
-/// with it once this returns `Ok`.
-pub fn start(shares: Vec<ShareSpec>) -> std::io::Result<()> {
-    let dir = Path::new(SOCKET).parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let _ = std::fs::remove_file(SOCKET);
-    let listener = std::os::unix::net::UnixListener::bind(SOCKET)?;
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::UnixListener::from_std(listener)?;
-    tokio::spawn(serve(listener, std::sync::Arc::new(shares)));
-    Ok(())
-}
-
-async fn serve(listener: tokio::net::UnixListener, shares: std::sync::Arc<Vec<ShareSpec>>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
-    let mut log = berth_limits::RateLimiter::default();
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                if let Some(s) = log.hit() {
-                    tracing::warn!("{PLUGIN}: accept failed: {e}{s}");
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shares = shares.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |r| handle(r, shares.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-            drop(permit);
-        });
+    fn check(&self, method: &str, uri: &str, body: &[u8]) -> Option<String> {
+        let msg = check(method, uri, body, &self.shares, |p| {
+            p.symlink_metadata().is_ok()
+        })?;
+        tracing::info!("refused a container: {msg}");
+        Some(msg)
     }
 }
 
@@ -361,44 +255,5 @@ mod tests {
                 "{method} {uri}"
             );
         }
-    }
-
-    #[test]
-    fn the_plugin_protocol() {
-        assert_eq!(
-            answer("/Plugin.Activate", b"", &shares()),
-            serde_json::json!({ "Implements": ["authz"] })
-        );
-        let body = base64::engine::general_purpose::STANDARD.encode(create(
-            serde_json::json!({ "Binds": ["/nowhere/at/all:/x"] }),
-        ));
-        let req = serde_json::json!({
-            "User": "", "RequestMethod": "POST",
-            "RequestUri": "/v1.47/containers/create", "RequestBody": body,
-        });
-        let r = answer(
-            "/AuthZPlugin.AuthZReq",
-            req.to_string().as_bytes(),
-            &shares(),
-        );
-        assert_eq!(r["Allow"], false);
-        assert!(r["Msg"].as_str().unwrap().contains("/nowhere/at/all"));
-        let ok = serde_json::json!({ "RequestMethod": "GET", "RequestUri": "/_ping" });
-        assert_eq!(
-            answer(
-                "/AuthZPlugin.AuthZReq",
-                ok.to_string().as_bytes(),
-                &shares()
-            )["Allow"],
-            true
-        );
-        assert_eq!(
-            answer("/AuthZPlugin.AuthZRes", b"{}", &shares())["Allow"],
-            true
-        );
-        assert_eq!(
-            answer("/AuthZPlugin.AuthZReq", b"garbage", &shares())["Allow"],
-            true
-        );
     }
 }

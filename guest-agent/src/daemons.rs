@@ -37,9 +37,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.trac
     )
 }
 
-/// dockerd's daemon.json; `bind_check`: the agent serves the
-/// [`crate::bindcheck`] plugin.
-pub fn dockerd_config(net: Option<&berth_proto::NetConfig>, bind_check: bool) -> serde_json::Value {
+/// dockerd's daemon.json.
+pub fn dockerd_config(net: Option<&berth_proto::NetConfig>) -> serde_json::Value {
     let mut c = serde_json::json!({
         "hosts": [format!("unix://{DOCKER_SOCKET}")],
         "containerd": CONTAINERD_SOCKET,
@@ -58,20 +57,13 @@ pub fn dockerd_config(net: Option<&berth_proto::NetConfig>, bind_check: bool) ->
     if let Some(n) = net {
         c["host-gateway-ip"] = n.gateway4.to_string().into();
     }
-    if bind_check {
-        c["authorization-plugins"] = serde_json::json!([crate::bindcheck::PLUGIN]);
-    }
     c
 }
 
 /// Writes both daemons' configuration files.
-pub fn write_configs(
-    net: Option<&berth_proto::NetConfig>,
-    bind_check: bool,
-) -> std::io::Result<()> {
+pub fn write_configs(net: Option<&berth_proto::NetConfig>) -> std::io::Result<()> {
     std::fs::write(CONTAINERD_CONFIG, containerd_config())?;
-    let json = serde_json::to_vec_pretty(&dockerd_config(net, bind_check))
-        .map_err(std::io::Error::other)?;
+    let json = serde_json::to_vec_pretty(&dockerd_config(net)).map_err(std::io::Error::other)?;
     std::fs::write(DOCKERD_CONFIG, json)
 }
 
@@ -271,19 +263,11 @@ mod tests {
         let c = containerd_config();
         assert!(c.contains("io.containerd.grpc.v1.cri"));
         assert!(c.contains(CONTAINERD_SOCKET));
-        let d = dockerd_config(None, false);
-        assert!(d.get("authorization-plugins").is_none());
-        assert_eq!(
-            dockerd_config(None, true)["authorization-plugins"],
-            serde_json::json!(["berth-shares"])
-        );
+        let d = dockerd_config(None);
         assert_eq!(d["containerd"], CONTAINERD_SOCKET);
         assert_eq!(d["hosts"][0], "unix:///var/run/docker.sock");
         assert!(d.get("host-gateway-ip").is_none());
         let n = berth_proto::NetConfig::berth_default(false);
-        assert_eq!(
-            dockerd_config(Some(&n), false)["host-gateway-ip"],
-            "192.168.127.1"
-        );
+        assert_eq!(dockerd_config(Some(&n))["host-gateway-ip"], "192.168.127.1");
     }
 }

@@ -19,6 +19,7 @@ mod exec;
 mod fatal;
 mod fsevents;
 mod hostloop;
+mod httpgate;
 mod init;
 mod net;
 mod ports;
@@ -109,11 +110,19 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
     let settings = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let kernel = init::kernel_release();
     events::start();
+    // Container creates from the host are checked for bind mounts of
+    // paths in no share (only when there are shares to name).
+    let bind_check = (!settings.shares.is_empty()).then(|| {
+        Arc::new(bindcheck::BindCheck {
+            shares: settings.shares.clone(),
+        })
+    });
     vsock::start(
         shared.clone(),
         reaper.clone(),
         kernel.clone(),
         settings.echo,
+        bind_check,
     );
     ports::serve(shared.ports.clone());
     init::set_hostname(&settings.hostname)?;
@@ -123,19 +132,7 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         async move { net::setup(&reaper, net.as_ref()).await }
     });
     init::setup_cgroups().context("setting up cgroup v2")?;
-    // dockerd asks the bind-mount check before creating a container; it
-    // is configured only once its socket listens (dockerd refuses to
-    // start with a plugin it cannot reach).
-    let bind_check = !settings.shares.is_empty()
-        && match bindcheck::start(settings.shares.clone()) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("the bind-mount check cannot listen ({e}); dockerd runs without it");
-                false
-            }
-        };
-    daemons::write_configs(settings.net.as_ref(), bind_check)
-        .context("writing daemon configuration")?;
+    daemons::write_configs(settings.net.as_ref()).context("writing daemon configuration")?;
 
     let disk = match datadisk::prepare(&reaper, &settings.data_disk, settings.data_fresh).await {
         Ok(state) => state,

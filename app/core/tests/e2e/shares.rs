@@ -114,8 +114,8 @@ fn same_paths(ctx: &Ctx) {
     ]);
     assert_eq!(out, "from the host\n");
     // A host path in no share is refused before dockerd would make an
-    // empty directory for it in the guest (the agent's authorization
-    // plugin), with the way to share it — on the guest's read-only root
+    // empty directory for it in the guest (the agent's Docker-port
+    // forwarder checks each create), with the way to share it — on the guest's read-only root
     // and in its writable places alike, for `-v` and `--mount`.
     for (flag, arg) in [
         ("-v", "/opt/berth-e2e-not-shared:/x"),
