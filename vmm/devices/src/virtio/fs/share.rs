@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -468,14 +468,14 @@ impl ShareFs {
     /// Tells the watcher the guest is about to change `inode` (or the entry
     /// `name` in directory `inode`), so the host event that follows is not
     /// sent back to the guest.
-    fn changing(&self, inode: u64, name: Option<&CStr>) {
-        let Some(w) = &self.watch else { return };
-        if let Ok(mut path) = self.inner.readlinkat_proc_file(inode) {
-            if let Some(n) = name {
-                path.push(std::ffi::OsStr::from_bytes(n.to_bytes()));
-            }
-            w.guest_changed(path);
+    fn changing(&self, inode: u64, name: Option<&CStr>) -> Option<PathBuf> {
+        let w = self.watch.as_ref()?;
+        let mut path = self.inner.readlinkat_proc_file(inode).ok()?;
+        if let Some(n) = name {
+            path.push(std::ffi::OsStr::from_bytes(n.to_bytes()));
         }
+        w.guest_changed(path.clone());
+        Some(path)
     }
 
     /// `.` and `..`, which the passthrough leaves out, listed after the
@@ -526,6 +526,22 @@ impl ShareFs {
 /// guest's own `size` still bounds the reply).
 fn chunk(size: u32) -> u32 {
     size.max(4096)
+}
+
+/// After one host read of a listing that added `calls` entries: `Some(true)`
+/// when the guest's reply is full, `Some(false)` when the host may have more
+/// (read on into the same reply), `None` when the directory has ended (a
+/// read of at least a page that brought nothing but `.` and `..`). Reading
+/// on, with `.` and `..` appended at the end, saves the guest a request per
+/// directory listed: under TCG about 0.3 s in a walk of 1,500 directories.
+fn listing_step(calls: usize, full: bool) -> Option<bool> {
+    if full {
+        Some(true)
+    } else if calls > 0 {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 fn wants_write(flags: u32) -> bool {
@@ -727,8 +743,16 @@ impl FileSystem for ShareFs {
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         check_name(name)?;
-        self.changing(parent, Some(name));
-        self.inner.rmdir(&host_ctx(ctx), parent, name)
+        let path = self.changing(parent, Some(name));
+        let w = self.watch.as_ref().zip(path.as_deref());
+        if let Some((w, p)) = w {
+            w.removing_dir(p, true);
+        }
+        let r = self.inner.rmdir(&host_ctx(ctx), parent, name);
+        if let (Some((w, p)), Err(_)) = (w, &r) {
+            w.removing_dir(p, false);
+        }
+        r
     }
 
     fn rename(
@@ -957,19 +981,38 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        if offset < DOT_OFF {
-            let mut calls = 0;
+        let mut next = offset;
+        let mut rounds = 0;
+        while next < DOT_OFF {
+            let (mut calls, mut full, mut last) = (0, false, next);
             let mut add = |d: DirEntry| {
                 calls += 1;
-                add_entry(d)
+                let off = d.offset;
+                let n = add_entry(d)?;
+                if n == 0 {
+                    full = true;
+                } else {
+                    last = off;
+                }
+                Ok(n)
             };
-            self.inner
-                .readdir(&host_ctx(ctx), inode, handle, chunk(size), offset, &mut add)?;
-            if calls > 0 {
-                return Ok(());
+            rounds += 1;
+            match self
+                .inner
+                .readdir(&host_ctx(ctx), inode, handle, chunk(size), next, &mut add)
+            {
+                Ok(()) => {}
+                Err(e) if rounds == 1 => return Err(e),
+                // The reply already holds entries: the guest asks again.
+                Err(_) => return Ok(()),
+            }
+            match listing_step(calls, full) {
+                Some(true) => return Ok(()),
+                Some(false) => next = last,
+                None => break,
             }
         }
-        for d in self.dots(inode, offset) {
+        for d in self.dots(inode, next) {
             if add_entry(d)? == 0 {
                 break;
             }
@@ -986,12 +1029,21 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        if offset < DOT_OFF {
-            let mut calls = 0;
+        let mut next = offset;
+        let mut rounds = 0;
+        while next < DOT_OFF {
+            let (mut calls, mut full, mut last) = (0, false, next);
             let mut add = |d: DirEntry, mut e: Entry| -> io::Result<usize> {
                 calls += 1;
+                let off = d.offset;
                 if e.inode == 0 {
-                    return add_entry(d, e);
+                    let n = add_entry(d, e)?;
+                    if n == 0 {
+                        full = true;
+                    } else {
+                        last = off;
+                    }
+                    return Ok(n);
                 }
                 let node = self.peek(&e)?;
                 if node.refs == 0 {
@@ -1005,17 +1057,31 @@ impl FileSystem for ShareFs {
                 let n = add_entry(d, e)?;
                 if n > 0 {
                     self.hold(&e, node);
+                    last = off;
+                } else {
+                    full = true;
                 }
                 Ok(n)
             };
-            self.inner
-                .readdirplus(&host_ctx(ctx), inode, handle, chunk(size), offset, &mut add)?;
-            if calls > 0 {
-                return Ok(());
+            rounds += 1;
+            match self
+                .inner
+                .readdirplus(&host_ctx(ctx), inode, handle, chunk(size), next, &mut add)
+            {
+                Ok(()) => {}
+                Err(e) if rounds == 1 => return Err(e),
+                // The reply already holds entries (each counted once it
+                // was added): the guest asks again from the last one.
+                Err(_) => return Ok(()),
+            }
+            match listing_step(calls, full) {
+                Some(true) => return Ok(()),
+                Some(false) => next = last,
+                None => break,
             }
         }
         let (attr, _) = self.inner.getattr(&Context::new(), inode, None)?;
-        for d in self.dots(inode, offset) {
+        for d in self.dots(inode, next) {
             // No node id: the guest kernel takes no entry for `.` and `..`.
             let e = Entry {
                 inode: 0,

@@ -288,10 +288,23 @@ impl Guest {
     /// READDIR (or READDIRPLUS) of `size` bytes from each last offset until
     /// an empty reply, then RELEASEDIR. Names and inode numbers, in order.
     pub fn list(&mut self, node: u64, plus: bool, size: u32) -> Vec<(String, u64)> {
+        self.listing(node, plus, size, 10_000).0
+    }
+
+    /// Lists directory `node` in at most `requests` requests of `size`
+    /// bytes: the entries (name, inode) and the requests that brought any.
+    pub fn listing(
+        &mut self,
+        node: u64,
+        plus: bool,
+        size: u32,
+        requests: usize,
+    ) -> (Vec<(String, u64)>, usize) {
         let fh = Guest::fh(self.call(OPENDIR, node, &obj(OpenIn::default())));
         let mut out = Vec::new();
         let mut offset = 0;
-        for _ in 0..10_000 {
+        let mut replies = 0;
+        for _ in 0..requests {
             let r = ReadIn {
                 fh,
                 offset,
@@ -304,6 +317,7 @@ impl Guest {
             if body.is_empty() {
                 break;
             }
+            replies += 1;
             let mut b = &body[..];
             while !b.is_empty() {
                 if plus {
@@ -321,6 +335,6 @@ impl Guest {
             ..Default::default()
         };
         self.call(RELEASEDIR, node, &obj(rel)).ok();
-        out
+        (out, replies)
     }
 }

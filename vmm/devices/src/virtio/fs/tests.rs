@@ -482,6 +482,29 @@ fn listings_have_dot_and_dotdot_once_at_any_buffer_size() {
     }
 }
 
+/// A listing that fits the guest's buffer comes in one reply, `.` and `..`
+/// included: each extra request is a guest round trip (about 0.3 s in a
+/// walk of 1,500 directories under TCG).
+#[test]
+fn a_listing_that_fits_comes_in_one_reply() {
+    let s = Scratch::new("onereply");
+    for i in 0..40 {
+        fs::write(s.share().join(format!("file-{i:02}")), b"x").unwrap();
+    }
+    let mut g = Guest::new(&s.share(), opts());
+    let sub = g.lookup(1, "sub").entry();
+    for plus in [false, true] {
+        // 46 entries: about 1.6 KiB as READDIR entries, 7.5 KiB with
+        // READDIRPLUS's entry_out each.
+        let size = if plus { 16384 } else { 4096 };
+        let (got, replies) = g.listing(1, plus, size, 1);
+        assert_eq!((got.len(), replies), (46, 1), "plus {plus}: {got:?}");
+        let (got, replies) = g.listing(sub.nodeid, plus, 4096, 1);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!((names, replies), (vec![".", ".."], 1), "plus {plus}");
+    }
+}
+
 /// Stands in for the host watcher and the guest kernel: when asked to
 /// reclaim, a cooperative guest forgets the inodes it was told it holds
 /// (as the agent's `drop_caches` makes the kernel do).
