@@ -7,6 +7,7 @@
 //! a slow host disk stalls neither the vCPUs nor the VMM's event loop. The
 //! same [`FsEngine`] serves the queues of the vhost-user backend.
 
+pub mod hostevents;
 mod share;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

@@ -743,16 +743,8 @@ impl FileSystem for ShareFs {
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         check_name(name)?;
-        let path = self.changing(parent, Some(name));
-        let w = self.watch.as_ref().zip(path.as_deref());
-        if let Some((w, p)) = w {
-            w.removing_dir(p, true);
-        }
-        let r = self.inner.rmdir(&host_ctx(ctx), parent, name);
-        if let (Some((w, p)), Err(_)) = (w, &r) {
-            w.removing_dir(p, false);
-        }
-        r
+        self.changing(parent, Some(name));
+        self.inner.rmdir(&host_ctx(ctx), parent, name)
     }
 
     fn rename(

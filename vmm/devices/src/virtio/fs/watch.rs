@@ -18,9 +18,9 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_proto::share::{FsEvent, FsEventKind, FS_EVENTS_PORT, RECLAIM_LINE};
-use notify::event::{ModifyKind, RenameMode};
-use notify::{EventKind, RecursiveMode, Watcher};
+use berth_proto::share::{FsEvent, FS_EVENTS_PORT, RECLAIM_LINE};
+
+use super::hostevents::{self, EventSource, OnEvent};
 
 /// Events waiting to be sent; beyond this they are dropped and counted.
 const QUEUE: usize = 8192;
@@ -46,10 +46,6 @@ pub trait DirWatch: Send + Sync {
     /// The guest holds most of the inodes it may: ask it to let go of
     /// those it does not use.
     fn reclaim(&self);
-    /// The guest is about to remove directory `path`: stop watching it
-    /// first, returning once done. `false`: the removal failed, the
-    /// directory stays.
-    fn removing_dir(&self, _path: &Path, _done: bool) {}
 }
 
 /// What the sender thread sends.
@@ -97,10 +93,9 @@ pub struct HostWatcher {
 /// finds the queue full waits for room.
 const CTL_QUEUE: usize = 65536;
 
-/// What the `fs-watch` thread is asked to do. notify's watch and unwatch
-/// are a round trip to its own event thread, which may be busy with a
-/// burst of host events (a guest's `rm -rf` makes one per file): done on
-/// the FUSE request path they made a tree removal 15 % slower.
+/// What the `fs-watch` thread is asked to do: watch changes are made off
+/// the FUSE request path (with notify they were a round trip to its event
+/// thread, which may be busy with a burst of host events).
 enum Ctl {
     Watch(PathBuf),
     Unwatch(PathBuf),
@@ -122,72 +117,40 @@ impl std::fmt::Debug for HostWatcher {
     }
 }
 
-/// Turns one notify event into the events a guest watcher expects.
-pub fn translate(ev: &notify::Event) -> Vec<FsEvent> {
-    let one = |kind, p: &Path| FsEvent {
-        kind,
-        path: p.to_string_lossy().into_owned(),
-    };
-    match ev.kind {
-        EventKind::Create(_) => ev
-            .paths
-            .iter()
-            .map(|p| one(FsEventKind::Create, p))
-            .collect(),
-        EventKind::Remove(_) => ev
-            .paths
-            .iter()
-            .map(|p| one(FsEventKind::Delete, p))
-            .collect(),
-        EventKind::Modify(ModifyKind::Name(mode)) => match (mode, ev.paths.as_slice()) {
-            (RenameMode::Both, [from, to]) => {
-                vec![one(FsEventKind::Delete, from), one(FsEventKind::Create, to)]
-            }
-            (RenameMode::From, paths) => {
-                paths.iter().map(|p| one(FsEventKind::Delete, p)).collect()
-            }
-            (_, paths) => paths.iter().map(|p| one(FsEventKind::Create, p)).collect(),
-        },
-        EventKind::Modify(ModifyKind::Metadata(_)) | EventKind::Access(_) => Vec::new(),
-        EventKind::Modify(_) => ev
-            .paths
-            .iter()
-            .map(|p| one(FsEventKind::Modify, p))
-            .collect(),
-        EventKind::Any | EventKind::Other => Vec::new(),
-    }
-}
-
 impl HostWatcher {
     /// Starts watching (nothing yet) and sending to the guest's port
     /// [`FS_EVENTS_PORT`] through `vsock_uds`.
-    pub fn start(vsock_uds: &Path) -> notify::Result<Arc<HostWatcher>> {
+    pub fn start(vsock_uds: &Path) -> std::io::Result<Arc<HostWatcher>> {
+        Self::start_with(vsock_uds, hostevents::platform)
+    }
+
+    /// [`HostWatcher::start`] with the given event source.
+    pub fn start_with(
+        vsock_uds: &Path,
+        source: impl FnOnce(OnEvent) -> std::io::Result<Box<dyn EventSource>>,
+    ) -> std::io::Result<Arc<HostWatcher>> {
         let (tx, rx) = sync_channel::<Line>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let echoes = Arc::new(Mutex::new(Echoes::default()));
         let echoed = Arc::new(AtomicU64::new(0));
-        let handler = {
+        let on_event: OnEvent = {
             let tx = tx.clone();
             let (dropped, echoes, echoed) = (dropped.clone(), echoes.clone(), echoed.clone());
-            move |res: notify::Result<notify::Event>| {
-                let Ok(ev) = res else { return };
-                let now = Instant::now();
-                for e in translate(&ev) {
-                    let echo = echoes
-                        .lock()
-                        .map(|x| x.is_echo(Path::new(&e.path), now))
-                        .unwrap_or(false);
-                    if echo {
-                        echoed.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Err(TrySendError::Full(_)) = tx.try_send(Line::Event(e)) {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+            Box::new(move |e: FsEvent| {
+                let echo = echoes
+                    .lock()
+                    .map(|x| x.is_echo(Path::new(&e.path), Instant::now()))
+                    .unwrap_or(false);
+                if echo {
+                    echoed.fetch_add(1, Ordering::Relaxed);
+                    return;
                 }
-            }
+                if let Err(TrySendError::Full(_)) = tx.try_send(Line::Event(e)) {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            })
         };
-        let mut watcher = notify::recommended_watcher(handler)?;
+        let mut source = source(on_event)?;
         let (ctl, ctl_rx) = sync_channel::<Ctl>(CTL_QUEUE);
         std::thread::Builder::new()
             .name("fs-watch".into())
@@ -196,7 +159,7 @@ impl HostWatcher {
                 for c in ctl_rx {
                     match c {
                         Ctl::Watch(p) => {
-                            if let Err(e) = watcher.watch(&p, RecursiveMode::NonRecursive) {
+                            if let Err(e) = source.watch(&p) {
                                 if let Some(s) = log.hit() {
                                     tracing::warn!(
                                         "cannot watch {} for host changes: {e}{s}",
@@ -205,21 +168,17 @@ impl HostWatcher {
                                 }
                             }
                         }
-                        Ctl::Unwatch(p) => {
-                            let _ = watcher.unwatch(&p);
-                        }
+                        Ctl::Unwatch(p) => source.unwatch(&p),
                         Ctl::Settle(done) => {
                             let _ = done.send(());
                         }
                     }
                 }
-            })
-            .map_err(notify::Error::io)?;
+            })?;
         let uds = vsock_uds.to_path_buf();
         std::thread::Builder::new()
             .name("fs-events".into())
-            .spawn(move || send_loop(&uds, rx, &dropped))
-            .map_err(notify::Error::io)?;
+            .spawn(move || send_loop(&uds, rx, &dropped))?;
         Ok(Arc::new(HostWatcher {
             tx,
             ctl,
@@ -266,28 +225,6 @@ impl DirWatch for HostWatcher {
 
     fn reclaim(&self) {
         let _ = self.tx.try_send(Line::Reclaim);
-    }
-
-    /// notify 8, on the host event for a removed directory it watches,
-    /// scans every watch for paths under it, so a guest's `rm -rf` of a
-    /// tree it had listed cost time quadratic in the directories watched
-    /// (a third of the watcher's CPU in a 1,500-directory removal). A watch
-    /// removed before the directory is never scanned for.
-    fn removing_dir(&self, path: &Path, done: bool) {
-        let held = self
-            .dirs
-            .lock()
-            .map(|d| d.users.contains_key(path))
-            .unwrap_or(false);
-        if !held {
-            return;
-        }
-        if done {
-            let _ = self.ctl.send(Ctl::Unwatch(path.to_path_buf()));
-            self.settle();
-        } else {
-            let _ = self.ctl.send(Ctl::Watch(path.to_path_buf()));
-        }
     }
 
     fn guest_changed(&self, path: PathBuf) {
@@ -444,15 +381,30 @@ mod tests {
         lines_until(rx, want).1
     }
 
+    /// Each event source this platform can use.
+    fn sources() -> Vec<(&'static str, hostevents::MakeSource)> {
+        let mut v: Vec<(&str, hostevents::MakeSource)> =
+            vec![("notify", |f| Ok(Box::new(hostevents::Notify::start(f)?)))];
+        #[cfg(target_os = "linux")]
+        v.push(("inotify", |f| Ok(Box::new(hostevents::Inotify::start(f)?))));
+        v
+    }
+
     #[test]
     fn host_changes_in_held_directories_reach_the_guest_port() {
-        let dir = std::env::temp_dir().join(format!("berth-watch-{}", std::process::id()));
+        for (name, source) in sources() {
+            host_changes_reach_the_guest(name, source);
+        }
+    }
+
+    fn host_changes_reach_the_guest(name: &str, source: hostevents::MakeSource) {
+        let dir = std::env::temp_dir().join(format!("berth-watch-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("held")).unwrap();
         std::fs::create_dir_all(dir.join("not-held")).unwrap();
         let uds = dir.join("vsock.sock");
         let rx = fake_guest(&uds);
-        let w = HostWatcher::start(&uds).unwrap();
+        let w = HostWatcher::start_with(&uds, source).unwrap();
         w.watch(7, dir.join("held"));
         assert_eq!(w.watched(), 1);
         w.settle();
@@ -486,6 +438,29 @@ mod tests {
             rest.iter()
                 .all(|l| !l.contains("not-held") && !l.contains("late")),
             "{rest:?}"
+        );
+        // A burst of host changes arrives whole.
+        w.watch(8, dir.join("not-held"));
+        w.settle();
+        for i in 0..300 {
+            std::fs::write(dir.join(format!("not-held/b{i}")), "x").unwrap();
+        }
+        for i in 0..300 {
+            wait_for(
+                &rx,
+                &format!("create {}", dir.join(format!("not-held/b{i}")).display()),
+            );
+        }
+        // Reading a file is not a change.
+        let _ = std::fs::read(dir.join("not-held/b0")).unwrap();
+        std::fs::write(dir.join("not-held/last"), "x").unwrap();
+        let (before, _) = lines_until(
+            &rx,
+            &format!("create {}", dir.join("not-held/last").display()),
+        );
+        assert!(
+            before.iter().all(|l| !l.contains("b0")),
+            "{name}: {before:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
