@@ -564,7 +564,7 @@ fn at_the_inode_bound_the_guest_is_asked_to_let_go_and_the_lookup_waits() {
         );
         *w.fs.lock().unwrap() = Some(share.clone());
         let mut g = Guest::with_shared(share.clone());
-        // Below three quarters of the bound nobody is asked.
+        // Below seven eighths of the bound nobody is asked.
         let held: Vec<u64> = (0..6)
             .map(|i| g.lookup(1, &format!("f{i}")).entry().nodeid)
             .collect();
