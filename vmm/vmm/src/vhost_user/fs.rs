@@ -31,12 +31,22 @@ pub enum VhostUserFsError {
     Daemon(String),
 }
 
-/// One engine per queue, each behind its own lock: the two daemon threads
-/// never wait for each other.
+/// One engine per daemon thread (one queue each), each behind its own lock
+/// with its own handle on guest memory: the two threads never wait for
+/// each other. (Engines were once picked by the event number, which is the
+/// queue's index among its thread's queues, so 0 on both threads: the two
+/// shared one engine and every FORGET on the hiprio queue held up the
+/// request queue, about one contended lock per removed file.)
 struct FsBackend {
-    engines: Vec<Mutex<(FsEngine, berth_limits::RateLimiter)>>,
-    mem: Mutex<GuestMemoryAtomic<GuestMemoryMmap>>,
+    engines: Vec<Mutex<QueueEngine>>,
     exit: Vec<(EventConsumer, EventNotifier)>,
+}
+
+/// What one queue's thread works with.
+struct QueueEngine {
+    engine: FsEngine,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    log: berth_limits::RateLimiter,
 }
 
 impl VhostUserBackend for FsBackend {
@@ -62,7 +72,9 @@ impl VhostUserBackend for FsBackend {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
-        *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = mem;
+        for e in &self.engines {
+            e.lock().unwrap_or_else(|e| e.into_inner()).mem = mem.clone();
+        }
         Ok(())
     }
 
@@ -80,16 +92,20 @@ impl VhostUserBackend for FsBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
-        let q = device_event as usize;
-        let (Some(vring), Some(engine)) = (vrings.get(q), self.engines.get(q)) else {
-            tracing::debug!("vhost-user fs: unexpected event {device_event}");
+        // `vrings` holds this thread's queues only, and `device_event` is
+        // an index into them; each thread serves one queue.
+        let (Some(vring), Some(engine)) = (
+            vrings.get(usize::from(device_event)),
+            self.engines.get(thread_id),
+        ) else {
+            tracing::debug!("vhost-user fs: unexpected event {device_event} on thread {thread_id}");
             return Ok(());
         };
-        let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner()).memory();
         let mut guard = engine.lock().unwrap_or_else(|e| e.into_inner());
-        let (engine, log) = &mut *guard;
+        let QueueEngine { engine, mem, log } = &mut *guard;
+        let mem = mem.memory();
         super::serve_vring(vring, &mem, log, "vhost-user fs", |queue| {
             engine.process(queue, &mem)
         });
@@ -126,13 +142,13 @@ pub fn serve(
     let backend = Arc::new(FsBackend {
         engines: (0..NUM_QUEUES)
             .map(|_| {
-                Mutex::new((
-                    FsEngine::new(server.clone(), counters.clone()),
-                    berth_limits::RateLimiter::default(),
-                ))
+                Mutex::new(QueueEngine {
+                    engine: FsEngine::new(server.clone(), counters.clone()),
+                    mem: mem.clone(),
+                    log: berth_limits::RateLimiter::default(),
+                })
             })
             .collect(),
-        mem: Mutex::new(mem.clone()),
         exit,
     });
     let mut daemon = VhostUserDaemon::new("berth-fs".into(), backend, mem)
@@ -146,4 +162,58 @@ pub fn serve(
         .serve(socket)
         .map_err(|e| VhostUserFsError::Daemon(e.to_string()))?;
     Ok(counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vhost_user_backend::VringT;
+
+    fn backend(dir: &Path) -> FsBackend {
+        let share = ShareFs::new(dir, ShareOptions::within_fds(false, 1024)).unwrap();
+        let server: Arc<FsServer> = Arc::new(Server::new(Arc::new(share)));
+        let counters = Arc::new(FsCounters::default());
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        FsBackend {
+            engines: (0..NUM_QUEUES)
+                .map(|_| {
+                    Mutex::new(QueueEngine {
+                        engine: FsEngine::new(server.clone(), counters.clone()),
+                        mem: mem.clone(),
+                        log: berth_limits::RateLimiter::default(),
+                    })
+                })
+                .collect(),
+            exit: Vec::new(),
+        }
+    }
+
+    /// Each daemon thread's first (only) queue is event 0: the request
+    /// queue's thread must not wait while the hiprio thread is busy.
+    #[test]
+    fn the_queue_threads_do_not_share_an_engine() {
+        let dir = std::env::temp_dir().join(format!("berth-vufs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let b = Arc::new(backend(&dir));
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        // The hiprio thread (0) is in the middle of a request.
+        let busy = b.engines[0].lock().unwrap();
+        let (done, wait) = std::sync::mpsc::channel();
+        let b2 = b.clone();
+        std::thread::spawn(move || {
+            let vring = VringRwLock::new(mem, QUEUE_SIZE).unwrap();
+            let r = b2.handle_event(0, EventSet::IN, &[vring], 1);
+            let _ = done.send(r.is_ok());
+        });
+        // Not a timing figure: without separate engines this never returns
+        // while `busy` is held.
+        let served = wait.recv_timeout(std::time::Duration::from_secs(20));
+        drop(busy);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            served,
+            Ok(true),
+            "the request queue's thread waited for the hiprio thread"
+        );
+    }
 }
