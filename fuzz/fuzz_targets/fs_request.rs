@@ -31,7 +31,7 @@ fn scratch() -> &'static Scratch {
         std::fs::write(share.join("file"), b"data").unwrap();
         let _ = std::os::unix::fs::symlink(root.join("outside"), share.join("abs"));
         let _ = std::os::unix::fs::symlink("../outside/secret", share.join("rel"));
-        let fs = ShareFs::new(&share, ShareOptions { read_only: false, max_inodes: 64, max_handles: 64, max_closing: 4 }).unwrap();
+        let fs = ShareFs::new(&share, ShareOptions { read_only: false, max_inodes: 64, max_handles: 64 }).unwrap();
         let engine = FsEngine::new(Arc::new(Server::new(Arc::new(fs))), Arc::new(FsCounters::default()));
         Scratch { root, engine: std::sync::Mutex::new(engine) }
     })

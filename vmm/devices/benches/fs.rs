@@ -66,7 +66,6 @@ fn main() {
             read_only: false,
             max_inodes: 1 << 20,
             max_handles: 1 << 16,
-            max_closing: 16,
         },
     );
     let f0 = entry(&g.lookup(1, "f0").ok()).nodeid;

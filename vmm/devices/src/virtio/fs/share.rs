@@ -21,14 +21,6 @@
 //!   and directories (each holds a host descriptor) at once; lookups and
 //!   opens beyond fail with `ENFILE`.
 //! * A read-only share refuses every change with `EROFS`.
-//! * **Removal never waits for the disk.** The last close of a removed
-//!   file frees its blocks on the host (and on a file system mounted with
-//!   `discard`, waits for the device). The passthrough makes that close
-//!   when the guest's FORGET arrives, inside the lock on its inode table,
-//!   where it held up every other request. So each file or directory the
-//!   guest removes is opened (`O_PATH`) just before, and that descriptor
-//!   is closed a moment later on the `fs-close` thread, which then makes
-//!   the last close ([`ShareOptions::max_closing`] at once at most).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -66,49 +58,6 @@ const RECLAIM_AT_EIGHTHS: usize = 7;
 const RECLAIM_EVERY: Duration = Duration::from_millis(250);
 pub const RECLAIM_WAIT: Duration = Duration::from_secs(2);
 
-/// Most removed files closing late at once (see [`LateClose`]).
-pub const MAX_CLOSING: usize = 256;
-/// How long a removed file is held open: the guest's FORGET for it comes
-/// within milliseconds of the removal's reply. (Longer in unit tests, so
-/// that they can see a removed file still held after its FORGET.)
-const CLOSE_AFTER: Duration = if cfg!(test) {
-    Duration::from_secs(3)
-} else {
-    Duration::from_millis(100)
-};
-
-/// Closes removed files [`CLOSE_AFTER`] they were removed, on its own
-/// thread (`fs-close`), which ends when the share is dropped.
-struct LateClose {
-    tx: std::sync::mpsc::SyncSender<(std::fs::File, std::time::Instant)>,
-}
-
-impl LateClose {
-    fn start(cap: usize) -> Option<LateClose> {
-        if cap == 0 {
-            return None;
-        }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(std::fs::File, std::time::Instant)>(cap);
-        std::thread::Builder::new()
-            .name("fs-close".into())
-            .spawn(move || {
-                for (file, at) in rx {
-                    let due = at + CLOSE_AFTER;
-                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
-                    drop(file);
-                }
-            })
-            .ok()?;
-        Some(LateClose { tx })
-    }
-
-    /// Holds `file` until it is due; with [`ShareOptions::max_closing`]
-    /// already held, it is closed here and now.
-    fn hold(&self, file: std::fs::File) {
-        let _ = self.tx.try_send((file, std::time::Instant::now()));
-    }
-}
-
 /// Directory offsets after `.` and after `..`, which come last: no host
 /// file system hands out offsets this large (they are negative as `off_t`).
 const DOT_OFF: u64 = u64::MAX - 1;
@@ -123,25 +72,18 @@ pub struct ShareOptions {
     /// Most files and directories the guest may have open at once (each
     /// costs a descriptor).
     pub max_handles: usize,
-    /// Most removed files held open a moment so that their last close is
-    /// made off the request path (each costs a descriptor; 0: none).
-    pub max_closing: usize,
 }
 
 impl ShareOptions {
     /// Splits `fds` descriptors between inodes (seven eighths) and open
     /// handles (an eighth: a guest rarely holds thousands of files open,
     /// while a `node_modules` tree is cached inode by inode).
-    /// Of the handles' eighth, up to [`MAX_CLOSING`] descriptors go to
-    /// removed files closing late.
     pub fn within_fds(read_only: bool, fds: usize) -> ShareOptions {
         let handles = (fds / 8).max(16);
-        let closing = (handles / 8).min(MAX_CLOSING);
         ShareOptions {
             read_only,
             max_inodes: fds.saturating_sub(handles).max(16),
-            max_handles: handles - closing,
-            max_closing: closing,
+            max_handles: handles,
         }
     }
 }
@@ -168,15 +110,14 @@ pub struct ShareFs {
     freed: std::sync::Condvar,
     /// Requests waiting on [`Self::freed`]; changed and read only with
     /// `nodes` locked, so a wakeup is never missed, and a FORGET with no
-    /// one waiting makes no system call (the hiprio thread's futex wakes
-    /// slowed every removal).
+    /// one waiting makes no system call (it made a futex wake per
+    /// forgotten inode).
     waiting: std::sync::atomic::AtomicUsize,
     /// When the guest was last asked to let go of inodes.
     last_reclaim: Mutex<Option<std::time::Instant>>,
     /// Handles the guest holds open (released only once each).
     handles: Mutex<std::collections::HashSet<u64>>,
     log: Mutex<berth_limits::RateLimiter>,
-    closing: Option<LateClose>,
 }
 
 impl std::fmt::Debug for ShareFs {
@@ -236,7 +177,6 @@ impl ShareFs {
             do_import: true,
             ..Default::default()
         };
-        let closing = LateClose::start(opts.max_closing);
         Ok(ShareFs {
             inner: PassthroughFs::new(cfg)?,
             root: root.to_path_buf(),
@@ -248,7 +188,6 @@ impl ShareFs {
             last_reclaim: Mutex::new(None),
             handles: Mutex::new(std::collections::HashSet::new()),
             log: Mutex::new(berth_limits::RateLimiter::default()),
-            closing,
         })
     }
 
@@ -544,44 +483,12 @@ impl ShareFs {
     /// sent back to the guest.
     fn changing(&self, inode: u64, name: Option<&CStr>) -> Option<PathBuf> {
         let w = self.watch.as_ref()?;
-        let path = self.host_path(inode, name)?;
-        w.guest_changed(path.clone());
-        Some(path)
-    }
-
-    /// The host path of `inode` (or of the entry `name` in it), as of now.
-    fn host_path(&self, inode: u64, name: Option<&CStr>) -> Option<PathBuf> {
         let mut path = self.inner.readlinkat_proc_file(inode).ok()?;
         if let Some(n) = name {
             path.push(std::ffi::OsStr::from_bytes(n.to_bytes()));
         }
+        w.guest_changed(path.clone());
         Some(path)
-    }
-
-    /// Before the guest removes `name` from `parent`: notes the change and
-    /// opens the entry (`O_PATH`, never following a symlink: nothing is
-    /// read through it) so that [`Self::removed`] can close it late. A
-    /// path swapped meanwhile only means some other file is held a moment.
-    fn removing(&self, parent: u64, name: &CStr) -> Option<std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = match self.changing(parent, Some(name)) {
-            Some(p) => p,
-            None if self.closing.is_some() => self.host_path(parent, Some(name))?,
-            None => return None,
-        };
-        self.closing.as_ref()?;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
-            .open(path)
-            .ok()
-    }
-
-    /// After a removal: `held` (from [`Self::removing`]) is closed late.
-    fn removed(&self, held: Option<std::fs::File>) {
-        if let (Some(c), Some(f)) = (&self.closing, held) {
-            c.hold(f);
-        }
     }
 
     /// `.` and `..`, which the passthrough leaves out, listed after the
@@ -883,19 +790,15 @@ impl FileSystem for ShareFs {
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         check_name(name)?;
-        let held = self.removing(parent, name);
-        self.inner.unlink(&host_ctx(ctx), parent, name)?;
-        self.removed(held);
-        Ok(())
+        self.changing(parent, Some(name));
+        self.inner.unlink(&host_ctx(ctx), parent, name)
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         check_name(name)?;
-        let held = self.removing(parent, name);
-        self.inner.rmdir(&host_ctx(ctx), parent, name)?;
-        self.removed(held);
-        Ok(())
+        self.changing(parent, Some(name));
+        self.inner.rmdir(&host_ctx(ctx), parent, name)
     }
 
     fn rename(

@@ -32,7 +32,6 @@ pub const READLINK: u32 = 5;
 pub const MKNOD: u32 = 8;
 pub const MKDIR: u32 = 9;
 pub const UNLINK: u32 = 10;
-pub const RMDIR: u32 = 11;
 pub const OPEN: u32 = 14;
 pub const READ: u32 = 15;
 pub const WRITE_OP: u32 = 16;

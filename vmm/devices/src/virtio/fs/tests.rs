@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use fuse_backend_rs::abi::fuse_abi::{EntryOut, InHeader, MkdirIn, MknodIn, OpenOut, SetattrIn};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -70,7 +70,6 @@ fn opts() -> ShareOptions {
         read_only: false,
         max_inodes: 1000,
         max_handles: 1000,
-        max_closing: 16,
     }
 }
 
@@ -341,7 +340,6 @@ fn a_read_only_share_refuses_every_change_with_erofs() {
             read_only: true,
             max_inodes: 1000,
             max_handles: 1000,
-            max_closing: 16,
         },
     );
     assert_eq!(g.create(1, "new", 0o644).errno(), libc::EROFS);
@@ -379,7 +377,6 @@ fn the_guest_cannot_hold_more_inodes_than_the_bound() {
             read_only: false,
             max_inodes: 4,
             max_handles: 1000,
-            max_closing: 16,
         },
     );
     let mut held = Vec::new();
@@ -431,7 +428,6 @@ fn the_guest_cannot_hold_more_open_files_than_the_bound() {
             read_only: false,
             max_inodes: 1000,
             max_handles: 3,
-            max_closing: 16,
         },
     );
     let node = g.lookup(1, "hello").entry().nodeid;
@@ -561,7 +557,6 @@ fn at_the_inode_bound_the_guest_is_asked_to_let_go_and_the_lookup_waits() {
                     read_only: false,
                     max_inodes: 8,
                     max_handles: 100,
-                    max_closing: 16,
                 },
             )
             .unwrap()
@@ -628,78 +623,4 @@ fn init_offers_big_requests_and_missing_names_are_cached_as_missing() {
     // Once there, it is found.
     fs::write(s.share().join("not-here"), b"x").unwrap();
     assert_ne!(g.lookup(1, "not-here").entry().nodeid, 0);
-}
-
-/// This process's descriptors on files removed from `dir`.
-fn held_removed(dir: &Path) -> usize {
-    fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-        .filter(|t| t.starts_with(dir) && t.to_string_lossy().ends_with(" (deleted)"))
-        .count()
-}
-
-/// Waits (bounded) until no removed file under `dir` is held.
-fn all_closed(dir: &Path) -> bool {
-    for _ in 0..200 {
-        if held_removed(dir) == 0 {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    false
-}
-
-#[test]
-fn a_removed_file_is_closed_later_not_by_its_forget() {
-    let s = Scratch::new("lateclose");
-    let share = s.share();
-    fs::write(share.join("doomed"), b"x").unwrap();
-    fs::create_dir(share.join("doomed-dir")).unwrap();
-    let mut g = Guest::new(&share, opts());
-    let f = g.lookup(1, "doomed").entry();
-    let d = g.lookup(1, "doomed-dir").entry();
-    assert_eq!(g.unlink(1, "doomed").errno(), 0);
-    assert_eq!(g.call(RMDIR, 1, &name("doomed-dir")).errno(), 0);
-    assert!(!share.join("doomed").exists() && !share.join("doomed-dir").exists());
-    // The FORGETs drop the passthrough's descriptors, inside the lock on
-    // its inode table: they must not be the last close, which frees the
-    // blocks (and may wait for the disk).
-    g.forget(f.nodeid, 1);
-    g.forget(d.nodeid, 1);
-    assert_eq!(
-        held_removed(&share),
-        2,
-        "the removed file and directory are still held after their FORGETs"
-    );
-    assert!(all_closed(&share), "the removed entries were never closed");
-}
-
-#[test]
-fn removals_beyond_the_late_close_bound_close_at_once() {
-    let s = Scratch::new("lateclose-bound");
-    let share = s.share();
-    let mut g = Guest::new(
-        &share,
-        ShareOptions {
-            max_closing: 1,
-            ..opts()
-        },
-    );
-    let mut held = Vec::new();
-    for i in 0..20 {
-        fs::write(share.join(format!("f{i}")), b"x").unwrap();
-        held.push(g.lookup(1, &format!("f{i}")).entry().nodeid);
-    }
-    for i in 0..20 {
-        assert_eq!(g.unlink(1, &format!("f{i}")).errno(), 0);
-    }
-    for n in held {
-        g.forget(n, 1);
-    }
-    // One waiting in the queue and one on the closing thread at most.
-    let n = held_removed(&share);
-    assert!(n <= 2, "{n} removed files held, beyond the bound");
-    assert!((0..20).all(|i| !share.join(format!("f{i}")).exists()));
-    assert!(all_closed(&share), "the removed files were never closed");
 }

@@ -483,7 +483,6 @@ mod tests {
                 read_only: false,
                 max_inodes: 100,
                 max_handles: 100,
-                max_closing: 16,
             },
         )
         .unwrap()
