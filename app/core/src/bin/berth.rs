@@ -18,6 +18,25 @@ const EXIT_NOT_RUNNING: u8 = 3;
 /// `stop`: the VM stopped, but not in order (killed).
 const EXIT_FORCED: u8 = 4;
 
+/// `println!` that does not panic when stdout is gone: a reader that
+/// stopped reading (`berth status | head -1`) ends the command quietly and
+/// successfully, as `berth logs` does; any other write error is reported.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("berth: cannot write the output: {e}");
+    std::process::exit(i32::from(EXIT_FAILED));
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "berth", version, about = "Docker in a lightweight VM")]
 struct Cli {
@@ -207,14 +226,14 @@ async fn start(state: &StateDir, image: Option<&std::path::Path>) -> ExitCode {
     .await;
     let s = match r {
         Ok(Started::AlreadyRunning(s)) => {
-            println!(
+            outln!(
                 "Berth is already running (driver {}).",
                 s.driver.as_deref().unwrap_or("?")
             );
             s
         }
         Ok(Started::Now(s)) => {
-            println!(
+            outln!(
                 "Berth is running: Docker {} ready in {:.1} s (driver {}).",
                 s.docker_version.as_deref().unwrap_or("?"),
                 s.boot_ms.unwrap_or(0) as f64 / 1000.0,
@@ -242,15 +261,15 @@ async fn start(state: &StateDir, image: Option<&std::path::Path>) -> ExitCode {
     let socket = PathBuf::from(&s.docker_socket);
     match context::install(&socket, cfg.switch_docker_context) {
         ContextOutcome::Ready { current: true } => {
-            println!("The docker context \"berth\" is current: run `docker ps`.")
+            outln!("The docker context \"berth\" is current: run `docker ps`.")
         }
         ContextOutcome::Ready { current: false } => {
-            println!("Use it with `docker --context berth ps` (or `docker context use berth`).")
+            outln!("Use it with `docker --context berth ps` (or `docker context use berth`).")
         }
-        ContextOutcome::NoDockerCli => println!("Note: {}.", context::INSTALL_HINT),
+        ContextOutcome::NoDockerCli => outln!("Note: {}.", context::INSTALL_HINT),
         ContextOutcome::Failed(e) => eprintln!("berth: could not set up the docker context: {e}"),
     }
-    println!(
+    outln!(
         "Docker socket: {}  (or: export DOCKER_HOST=unix://{})",
         socket.display(),
         socket.display()
@@ -266,24 +285,24 @@ async fn stop(state: &StateDir, force: bool, timeout: u64) -> ExitCode {
     .await
     {
         Ok(lifecycle::Stopped::NotRunning) => {
-            println!("Berth is not running.");
+            outln!("Berth is not running.");
             ExitCode::SUCCESS
         }
         Ok(lifecycle::Stopped::Now(report)) => match report {
             Some(r) if r.how == StopHow::Forced => {
-                println!("Berth stopped by force: {}.", r.message);
+                outln!("Berth stopped by force: {}.", r.message);
                 ExitCode::from(EXIT_FORCED)
             }
             Some(r) if r.how == StopHow::Crashed => {
-                println!("Berth stopped: {}.", r.message);
+                outln!("Berth stopped: {}.", r.message);
                 ExitCode::from(EXIT_FORCED)
             }
             Some(r) => {
-                println!("Berth stopped: {}.", r.message);
+                outln!("Berth stopped: {}.", r.message);
                 ExitCode::SUCCESS
             }
             None => {
-                println!("Berth stopped.");
+                outln!("Berth stopped.");
                 ExitCode::SUCCESS
             }
         },
@@ -298,10 +317,10 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
     };
     s.docker_context = context::current();
     if json {
-        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    println!(
+    outln!(
         "state:          {}{}",
         s.state,
         if s.phase != s.state.to_string() {
@@ -311,33 +330,35 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
         }
     );
     if let Some(d) = &s.driver {
-        println!("driver:         {d}");
+        outln!("driver:         {d}");
     }
     if let Some(r) = &s.driver_reason {
-        println!("  why:          {r}");
+        outln!("  why:          {r}");
     }
     if let Some(p) = s.pid {
-        println!("VM process:     {p}");
+        outln!("VM process:     {p}");
     }
     if let Some(u) = s.uptime_s {
-        println!("uptime:         {u} s");
+        outln!("uptime:         {u} s");
     }
-    println!(
+    outln!(
         "resources:      {} CPUs, {} MiB memory, {} GiB disk",
-        s.cpus, s.memory_mib, s.disk_gib
+        s.cpus,
+        s.memory_mib,
+        s.disk_gib
     );
     if s.state == VmState::Running {
-        println!(
+        outln!(
             "docker:         {} at {}",
             s.docker_version.as_deref().unwrap_or("?"),
             s.docker_socket
         );
     }
     if let Some(b) = s.boot_ms {
-        println!("boot:           {:.1} s to Docker ready", b as f64 / 1000.0);
+        outln!("boot:           {:.1} s to Docker ready", b as f64 / 1000.0);
     }
     match &s.docker_context {
-        Some(c) => println!(
+        Some(c) => outln!(
             "docker context: {c}{}",
             if c == context::CONTEXT {
                 ""
@@ -345,10 +366,10 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
                 " (not berth)"
             }
         ),
-        None => println!("docker context: none ({})", context::INSTALL_HINT),
+        None => outln!("docker context: none ({})", context::INSTALL_HINT),
     }
     if let Some(n) = &s.network {
-        println!(
+        outln!(
             "network:        guest {}, host (host.docker.internal) {}{}{}",
             n.guest_ip,
             n.host_ip,
@@ -369,14 +390,14 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
     }
     if s.state == VmState::Running {
         if s.shares.is_empty() {
-            println!("shared folders: none (`berth config set shares PATH,…`)");
+            outln!("shared folders: none (`berth config set shares PATH,…`)");
         } else {
-            println!("shared folders:");
+            outln!("shared folders:");
         }
         for sh in &s.shares {
             match &sh.error {
-                Some(e) => println!("  {}: NOT SHARED: {e}", sh.path),
-                None => println!(
+                Some(e) => outln!("  {}: NOT SHARED: {e}", sh.path),
+                None => outln!(
                     "  {}{}",
                     sh.path,
                     if sh.read_only { " (read-only)" } else { "" }
@@ -384,9 +405,9 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
             }
         }
         if s.forwards.is_empty() {
-            println!("ports:          none published");
+            outln!("ports:          none published");
         } else {
-            println!("ports:");
+            outln!("ports:");
         }
         for f in &s.forwards {
             let host = match f.host_ip {
@@ -394,26 +415,28 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
                 ip => format!("{ip}:{}", f.host_port),
             };
             match &f.error {
-                Some(e) => println!("  {host}/{} -> {}: ERROR {e}", f.proto, f.container),
-                None => println!(
+                Some(e) => outln!("  {host}/{} -> {}: ERROR {e}", f.proto, f.container),
+                None => outln!(
                     "  {host}/{} -> {}:{}",
-                    f.proto, f.container, f.container_port
+                    f.proto,
+                    f.container,
+                    f.container_port
                 ),
             }
         }
     }
     if let Some(w) = &s.warning {
-        println!("WARNING:        {w}");
+        outln!("WARNING:        {w}");
     }
     if let Some(e) = &s.error {
-        println!("last error:     {e}");
+        outln!("last error:     {e}");
     }
     if s.state == VmState::Stopped {
         if let Some(r) = &s.last_stop {
-            println!("last stop:      {}", r.message);
+            outln!("last stop:      {}", r.message);
         }
     }
-    println!("state dir:      {}", s.state_dir);
+    outln!("state dir:      {}", s.state_dir);
     ExitCode::SUCCESS
 }
 
@@ -494,12 +517,12 @@ async fn config(state: &StateDir, action: ConfigCmd) -> ExitCode {
     };
     match action {
         ConfigCmd::Get { key: Some(k) } => match cfg.get(&k) {
-            Ok(v) => println!("{v}"),
+            Ok(v) => outln!("{v}"),
             Err(e) => return fail(&e.to_string()),
         },
         ConfigCmd::Get { key: None } => {
             for k in berth_core::config::KEYS.split(", ") {
-                println!("{k} = {}", cfg.get(k).unwrap_or_default());
+                outln!("{k} = {}", cfg.get(k).unwrap_or_default());
             }
         }
         ConfigCmd::Set { key, value } => {
@@ -519,10 +542,10 @@ async fn config(state: &StateDir, action: ConfigCmd) -> ExitCode {
             }
             let running = lifecycle::agent_status(state).await.is_some();
             match (applies, running) {
-                (Applies::NextStart, true) => println!(
+                (Applies::NextStart, true) => outln!(
                     "{key} = {value}; Berth is running: this takes effect after `berth restart`."
                 ),
-                _ => println!("{key} = {value}"),
+                _ => outln!("{key} = {value}"),
             }
         }
     }

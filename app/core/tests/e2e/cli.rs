@@ -21,6 +21,7 @@ pub const CASES: &[Case] = &[
     ("cli_missing_passt_is_explained", missing_passt),
     ("cli_works_without_docker_cli", without_docker_cli),
     ("cli_vmm_driver_arguments_accepted", vmm_driver_arguments),
+    ("cli_closed_stdout_ends_quietly", closed_stdout),
 ];
 
 fn status_json(ctx: &Ctx) {
@@ -337,4 +338,26 @@ fn vmm_driver_arguments(ctx: &Ctx) {
         err.contains(&format!("{} does not exist", state.data_disk().display())),
         "berth-vmm should get to validating the data disk: {err}"
     );
+}
+
+/// `berth status | head -1`: the reader goes away; berth must not panic.
+fn closed_stdout(ctx: &Ctx) {
+    for args in [&["status"][..], &["config", "get"], &["start"]] {
+        let mut child = ctx
+            .berth_cmd(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running berth");
+        // Nobody reads: the first write fails with EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("waiting for berth");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "berth {args:?}: {err}");
+        assert!(
+            out.status.success(),
+            "berth {args:?}: {:?} {err}",
+            out.status
+        );
+    }
 }
