@@ -49,6 +49,29 @@ struct QueueEngine {
     log: berth_limits::RateLimiter,
 }
 
+impl FsBackend {
+    /// An engine per queue thread, all serving `server`.
+    fn new(
+        server: &Arc<FsServer>,
+        counters: &Arc<FsCounters>,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        exit: Vec<(EventConsumer, EventNotifier)>,
+    ) -> FsBackend {
+        FsBackend {
+            engines: (0..NUM_QUEUES)
+                .map(|_| {
+                    Mutex::new(QueueEngine {
+                        engine: FsEngine::new(server.clone(), counters.clone()),
+                        mem: mem.clone(),
+                        log: berth_limits::RateLimiter::default(),
+                    })
+                })
+                .collect(),
+            exit,
+        }
+    }
+}
+
 impl VhostUserBackend for FsBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -139,18 +162,7 @@ pub fn serve(
         );
     }
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(FsBackend {
-        engines: (0..NUM_QUEUES)
-            .map(|_| {
-                Mutex::new(QueueEngine {
-                    engine: FsEngine::new(server.clone(), counters.clone()),
-                    mem: mem.clone(),
-                    log: berth_limits::RateLimiter::default(),
-                })
-            })
-            .collect(),
-        exit,
-    });
+    let backend = Arc::new(FsBackend::new(&server, &counters, &mem, exit));
     let mut daemon = VhostUserDaemon::new("berth-fs".into(), backend, mem)
         .map_err(|e| VhostUserFsError::Daemon(e.to_string()))?;
     tracing::info!(
@@ -174,18 +186,7 @@ mod tests {
         let server: Arc<FsServer> = Arc::new(Server::new(Arc::new(share)));
         let counters = Arc::new(FsCounters::default());
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        FsBackend {
-            engines: (0..NUM_QUEUES)
-                .map(|_| {
-                    Mutex::new(QueueEngine {
-                        engine: FsEngine::new(server.clone(), counters.clone()),
-                        mem: mem.clone(),
-                        log: berth_limits::RateLimiter::default(),
-                    })
-                })
-                .collect(),
-            exit: Vec::new(),
-        }
+        FsBackend::new(&server, &counters, &mem, Vec::new())
     }
 
     /// Each daemon thread's first (only) queue is event 0: the request
