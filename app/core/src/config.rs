@@ -36,7 +36,7 @@ pub const KEYS: &str =
 
 /// Settings of one VM. Every field has a default, so a missing or partial
 /// file is fine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Virtual CPUs.

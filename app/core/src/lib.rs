@@ -2,8 +2,10 @@
 //! desktop app: settings, the state directory, machine drivers, the host
 //! agent, the guest-agent client and the docker context.
 
+pub mod bindings;
 pub mod config;
 pub mod context;
+pub mod docker;
 pub mod driver;
 pub mod guest;
 pub mod hostagent;
@@ -13,4 +15,5 @@ pub mod net;
 pub mod paths;
 pub mod shell;
 pub mod status;
+pub mod uierror;
 pub mod vsock;

@@ -173,7 +173,7 @@ pub async fn start(
 }
 
 fn spawn_host_agent(state: &StateDir, image: &Path) -> Result<std::process::Child, LifecycleError> {
-    let exe = std::env::current_exe().map_err(LifecycleError::Spawn)?;
+    let exe = agent_exe()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -191,6 +191,29 @@ fn spawn_host_agent(state: &StateDir, image: &Path) -> Result<std::process::Chil
         .stderr(log2)
         .spawn()
         .map_err(LifecycleError::Spawn)
+}
+
+/// The `berth` binary that runs the host agent: this one, or (for the
+/// desktop app) the `berth` installed beside it, so that the agent never
+/// depends on the app staying open.
+fn agent_exe() -> Result<PathBuf, LifecycleError> {
+    let me = std::env::current_exe().map_err(LifecycleError::Spawn)?;
+    let name = format!("berth{}", std::env::consts::EXE_SUFFIX);
+    if me.file_name().is_some_and(|n| n == name.as_str()) {
+        return Ok(me);
+    }
+    let beside = me.with_file_name(&name);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    Err(LifecycleError::Spawn(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!(
+            "the berth command is missing from {}; reinstall Berth",
+            me.parent()
+                .map_or_else(String::new, |p| p.display().to_string())
+        ),
+    )))
 }
 
 /// How [`stop`] ended.

@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::paths::StateDir;
 
 /// Where the VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     Stopped,
@@ -29,7 +29,7 @@ impl std::fmt::Display for VmState {
 
 /// A status snapshot. Fields that only make sense while the VM runs are
 /// `null` otherwise.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct Status {
     pub state: VmState,
     /// What is happening now, for people ("booting the guest", …).
@@ -74,7 +74,7 @@ pub struct Status {
 }
 
 /// One shared folder as `berth status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ts_rs::TS)]
 pub struct ShareStatus {
     pub path: String,
     pub read_only: bool,
@@ -83,7 +83,7 @@ pub struct ShareStatus {
 }
 
 /// The guest's network as `berth status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct NetworkStatus {
     /// The guest's address.
     pub guest_ip: String,
@@ -95,7 +95,7 @@ pub struct NetworkStatus {
 }
 
 /// How a stop went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(rename_all = "snake_case")]
 pub enum StopHow {
     /// The guest shut down in order and powered off.
@@ -108,7 +108,7 @@ pub enum StopHow {
 }
 
 /// What the host agent records when the VM stops (`last-stop.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct StopReport {
     pub how: StopHow,
     /// A sentence for people: what happened, and what it means.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::paths::{helper_binary, PathError, StateDir};
 
 /// What the user asked for (`driver` in config.toml).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ts_rs::TS)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverChoice {
     #[default]

@@ -106,7 +106,7 @@ pub struct PasstStats {
 }
 
 /// A snapshot of [`PasstStats`].
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ts_rs::TS)]
 pub struct PasstStatus {
     pub pid: Option<u32>,
     /// How often passt was restarted after exiting.

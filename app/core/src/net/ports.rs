@@ -54,8 +54,9 @@ pub struct PortStats {
 }
 
 /// One forward as `berth status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ts_rs::TS)]
 pub struct ForwardStatus {
+    #[ts(type = "\"tcp\" | \"udp\"")]
     pub proto: Proto,
     pub host_ip: IpAddr,
     pub host_port: u16,
