@@ -20,6 +20,7 @@ mod tests {
         ContainerAction::export_all(&cfg).unwrap();
         ContainerDetail::export_all(&cfg).unwrap();
         LogLine::export_all(&cfg).unwrap();
+        crate::lifecycle::ConfigChange::export_all(&cfg).unwrap();
         crate::uierror::UiError::export_all(&cfg).unwrap();
     }
 

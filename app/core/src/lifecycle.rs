@@ -287,3 +287,46 @@ fn process_alive(pid: u32) -> bool {
 pub fn resolve_image(image_override: Option<&Path>) -> Result<PathBuf, LifecycleError> {
     Ok(image_dir(image_override)?)
 }
+
+/// What a settings change did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, ts_rs::TS)]
+pub struct ConfigChange {
+    pub key: String,
+    pub value: String,
+    /// The VM runs and the change takes effect only after a restart.
+    pub restart_needed: bool,
+    /// For people: what was set and when it takes effect.
+    pub message: String,
+}
+
+/// Validates and saves one setting (the rules of `berth config set`), and
+/// says whether a restart is needed for it.
+pub async fn set_config(
+    state: &StateDir,
+    key: &str,
+    value: &str,
+) -> Result<ConfigChange, LifecycleError> {
+    let mut cfg = Config::load(&state.config())?;
+    let disk = std::fs::metadata(state.data_disk())
+        .ok()
+        .map(|m| m.len() >> 30);
+    let applies = cfg.set(key, value, disk)?;
+    state.create().map_err(|source| LifecycleError::StateDir {
+        path: state.root.display().to_string(),
+        source,
+    })?;
+    cfg.save(&state.config())?;
+    let running = agent_status(state).await.is_some();
+    let restart_needed = applies == crate::config::Applies::NextStart && running;
+    let message = if restart_needed {
+        format!("{key} = {value}; Berth is running: this takes effect after `berth restart`.")
+    } else {
+        format!("{key} = {value}")
+    };
+    Ok(ConfigChange {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        restart_needed,
+        message,
+    })
+}

@@ -16,6 +16,9 @@ pub struct UiError {
     /// `invalid`, `config`, `lifecycle`, `docker`, `io`.
     pub code: String,
     pub message: String,
+    /// More for people who dig: the guest console's last lines when a
+    /// start failed.
+    pub detail: Option<String>,
 }
 
 impl UiError {
@@ -23,6 +26,7 @@ impl UiError {
         UiError {
             code: code.to_owned(),
             message: message.into(),
+            detail: None,
         }
     }
 }
@@ -44,6 +48,16 @@ impl From<DockerError> for UiError {
 impl From<LifecycleError> for UiError {
     fn from(e: LifecycleError) -> UiError {
         let code = match &e {
+            LifecycleError::StartFailed {
+                console_tail,
+                reason,
+            } => {
+                return UiError {
+                    code: "start_failed".into(),
+                    message: format!("the VM failed to start: {reason}"),
+                    detail: Some(console_tail.clone()).filter(|t| !t.is_empty()),
+                }
+            }
             LifecycleError::Config(_) => "config",
             LifecycleError::Locked(_) => "locked",
             LifecycleError::StartTimeout(_) | LifecycleError::StopTimeout(_) => "timeout",

@@ -8,4 +8,9 @@ export type UiError = {
  * Stable, snake_case: `engine_stopped`, `not_found`, `conflict`,
  * `invalid`, `config`, `lifecycle`, `docker`, `io`.
  */
-code: string, message: string, };
+code: string, message: string, 
+/**
+ * More for people who dig: the guest console's last lines when a
+ * start failed.
+ */
+detail: string | null, };

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use berth_core::config::{Applies, Config};
+use berth_core::config::Config;
 use berth_core::context::{self, ContextOutcome};
 use berth_core::lifecycle::{self, LifecycleError, Started};
 use berth_core::paths::StateDir;
@@ -511,7 +511,7 @@ async fn shell(state: &StateDir, command: Vec<String>) -> ExitCode {
 }
 
 async fn config(state: &StateDir, action: ConfigCmd) -> ExitCode {
-    let mut cfg = match Config::load(&state.config()) {
+    let cfg = match Config::load(&state.config()) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
@@ -525,29 +525,10 @@ async fn config(state: &StateDir, action: ConfigCmd) -> ExitCode {
                 outln!("{k} = {}", cfg.get(k).unwrap_or_default());
             }
         }
-        ConfigCmd::Set { key, value } => {
-            let disk = std::fs::metadata(state.data_disk())
-                .ok()
-                .map(|m| m.len() >> 30);
-            let applies = match cfg.set(&key, &value, disk) {
-                Ok(a) => a,
-                Err(e) => return fail(&e.to_string()),
-            };
-            if let Err(e) = state
-                .create()
-                .map_err(|e| e.to_string())
-                .and_then(|_| cfg.save(&state.config()).map_err(|e| e.to_string()))
-            {
-                return fail(&e);
-            }
-            let running = lifecycle::agent_status(state).await.is_some();
-            match (applies, running) {
-                (Applies::NextStart, true) => outln!(
-                    "{key} = {value}; Berth is running: this takes effect after `berth restart`."
-                ),
-                _ => outln!("{key} = {value}"),
-            }
-        }
+        ConfigCmd::Set { key, value } => match lifecycle::set_config(state, &key, &value).await {
+            Ok(change) => outln!("{}", change.message),
+            Err(e) => return fail(&e.to_string()),
+        },
     }
     let _ = std::io::stdin().is_terminal();
     ExitCode::SUCCESS

@@ -150,10 +150,9 @@ pub async fn stream(
             split.finish(&mut batch);
         }
         let now = tokio::time::Instant::now();
-        if (now >= due || batch.len() >= BATCH_LINES || ended) && !batch.is_empty() {
-            if !on_batch(std::mem::take(&mut batch)) {
-                return Ok(());
-            }
+        let due_now = now >= due || batch.len() >= BATCH_LINES || ended;
+        if due_now && !batch.is_empty() && !on_batch(std::mem::take(&mut batch)) {
+            return Ok(());
         }
         if now >= due {
             due = now + BATCH_EVERY;

@@ -18,7 +18,8 @@ const SHELL: &str = "if command -v bash >/dev/null 2>&1; then exec bash; else ex
 /// One open terminal.
 pub struct Terminal {
     exec_id: String,
-    input: Pin<Box<dyn AsyncWrite + Send>>,
+    /// Behind a lock so a terminal can be shared between tasks.
+    input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
 }
 
 impl std::fmt::Debug for Terminal {
@@ -70,7 +71,7 @@ pub async fn open(
     };
     let t = Terminal {
         exec_id: exec.id,
-        input,
+        input: tokio::sync::Mutex::new(input),
     };
     // The size can only be set once the exec runs.
     let _ = resize(docker, &t, cols, rows).await;
@@ -92,12 +93,13 @@ pub async fn open(
 
 impl Terminal {
     /// Sends keystrokes (or pasted text) to the shell.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), DockerError> {
-        self.input
+    pub async fn write(&self, data: &[u8]) -> Result<(), DockerError> {
+        let mut input = self.input.lock().await;
+        input
             .write_all(data)
             .await
             .map_err(|e| DockerError::Api(format!("the terminal is closed: {e}")))?;
-        self.input
+        input
             .flush()
             .await
             .map_err(|e| DockerError::Api(format!("the terminal is closed: {e}")))

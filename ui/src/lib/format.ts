@@ -1,0 +1,78 @@
+// Pure helpers for what the views show; unit-tested in format.test.ts.
+import type { ContainerRow } from "../bindings/ContainerRow";
+
+/** "3 d 4 h", "2 h 5 min", "42 s". */
+export function duration(seconds: number): string {
+  const s = Math.max(0, Math.floor(seconds));
+  const d = Math.floor(s / 86400);
+  const h = Math.floor((s % 86400) / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  if (d > 0) return `${d} d ${h} h`;
+  if (h > 0) return `${h} h ${m} min`;
+  if (m > 0) return `${m} min`;
+  return `${s} s`;
+}
+
+/** "12 s ago", "5 min ago", "3 h ago", "2 d ago" from unix seconds. */
+export function ago(unix: number, nowMs: number = Date.now()): string {
+  const s = Math.max(0, nowMs / 1000 - unix);
+  if (s < 60) return `${Math.floor(s)} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+/** 1536 → "1.5 KiB". */
+export function bytes(n: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let v = n;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${v} B` : `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
+}
+
+/** A group of the container list: a compose project, or the loose ones. */
+export interface Group {
+  project: string | null;
+  rows: ContainerRow[];
+}
+
+/**
+ * Filters by a case-insensitive substring of name, image or project, and
+ * groups compose projects (alphabetically) ahead of loose containers; rows
+ * keep their order inside a group.
+ */
+export function groupContainers(rows: ContainerRow[], filter: string): Group[] {
+  const f = filter.trim().toLowerCase();
+  const hit = (r: ContainerRow) =>
+    !f ||
+    r.name.toLowerCase().includes(f) ||
+    r.image.toLowerCase().includes(f) ||
+    (r.project ?? "").toLowerCase().includes(f);
+  const byProject = new Map<string, ContainerRow[]>();
+  const loose: ContainerRow[] = [];
+  for (const r of rows) {
+    if (!hit(r)) continue;
+    if (r.project) {
+      const g = byProject.get(r.project) ?? [];
+      g.push(r);
+      byProject.set(r.project, g);
+    } else loose.push(r);
+  }
+  const groups: Group[] = [...byProject.keys()].sort().map((p) => ({ project: p, rows: byProject.get(p)! }));
+  if (loose.length) groups.push({ project: null, rows: loose });
+  return groups;
+}
+
+/** Which actions make sense for a container in `state`. */
+export function actionsFor(state: string): { start: boolean; stop: boolean; pause: boolean; unpause: boolean } {
+  return {
+    start: state === "created" || state === "exited" || state === "dead",
+    stop: state === "running" || state === "restarting" || state === "paused",
+    pause: state === "running",
+    unpause: state === "paused",
+  };
+}
