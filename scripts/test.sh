@@ -6,10 +6,20 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 ensure_host_packages
 ensure_docker_cli
+ensure_desktop_packages
+ensure_ui
+ensure_tauri_driver
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy --all-targets --all-features -- -D warnings"
 cargo clippy --quiet --all-targets --all-features -- -D warnings
+say "UI: svelte-check and Vitest"
+(cd ui && npx svelte-check --tsconfig ./tsconfig.json --threshold warning && npx vitest run)
+say "the desktop app with its UI embedded, for its end-to-end tests"
+# `cargo test` rebuilds target/debug/berth-desktop as a dev build (which
+# would look for Vite's dev server), so the e2e tests use a copy.
+cargo build --quiet -p berth-desktop --features custom-protocol
+cp target/debug/berth-desktop target/debug/berth-desktop-e2e
 say "guest image"
 IMAGE_DIR=$(guest-image/build.sh)
 say "cargo test (end-to-end tests boot the guest under QEMU)"

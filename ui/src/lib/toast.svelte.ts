@@ -11,7 +11,10 @@ export const toasts = $state<{ list: Toast[] }>({ list: [] });
 
 export function showError(error: UiError): void {
   const id = next++;
+  // The same message twice is shown once; at most five at a time.
+  if (toasts.list.some((t) => t.error.code === error.code && t.error.message === error.message)) return;
   toasts.list.push({ id, error });
+  if (toasts.list.length > 5) toasts.list.shift();
   setTimeout(() => dismiss(id), 12_000);
 }
 
