@@ -579,9 +579,11 @@ fn main() -> ExitCode {
         },
         &env.work.join("tauri-driver.log"),
     );
-    if !wait_port(port, Duration::from_secs(20)) {
+    // tauri-driver listens first, then starts WebKitWebDriver on the native
+    // port: a session asked for before both listen fails.
+    if !wait_port(port, Duration::from_secs(30)) || !wait_port(native, Duration::from_secs(30)) {
         eprintln!(
-            "FAILED: tauri-driver did not listen on {port}:\n{}",
+            "FAILED: tauri-driver ({port}) or WebKitWebDriver ({native}) did not listen:\n{}",
             std::fs::read_to_string(env.work.join("tauri-driver.log")).unwrap_or_default()
         );
         return ExitCode::FAILURE;
