@@ -192,15 +192,20 @@ pub async fn terminal_open(
     Ok(tid)
 }
 
-#[tauri::command]
-pub async fn terminal_write(state: State<'_, AppState>, terminal: u64, data: String) -> Res<()> {
-    let t = state
+/// An open terminal by id.
+async fn open_terminal(state: &AppState, id: u64) -> Res<Arc<terminal::Terminal>> {
+    state
         .terminals
         .lock()
         .await
-        .get(&terminal)
+        .get(&id)
         .cloned()
-        .ok_or_else(|| UiError::new("not_found", "that terminal is closed"))?;
+        .ok_or_else(|| UiError::new("not_found", "that terminal is closed"))
+}
+
+#[tauri::command]
+pub async fn terminal_write(state: State<'_, AppState>, terminal: u64, data: String) -> Res<()> {
+    let t = open_terminal(&state, terminal).await?;
     t.write(data.as_bytes()).await.map_err(UiError::from)
 }
 
@@ -212,13 +217,7 @@ pub async fn terminal_resize(
     rows: u16,
 ) -> Res<()> {
     let docker = state.docker().await?;
-    let t = state
-        .terminals
-        .lock()
-        .await
-        .get(&terminal)
-        .cloned()
-        .ok_or_else(|| UiError::new("not_found", "that terminal is closed"))?;
+    let t = open_terminal(&state, terminal).await?;
     terminal::resize(&docker, &t, cols, rows)
         .await
         .map_err(UiError::from)
