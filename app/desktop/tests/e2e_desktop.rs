@@ -110,11 +110,11 @@ impl Drop for Group {
     fn drop(&mut self) {
         let pgid = self.0.id() as i32;
         let _ = Command::new("kill")
-            .args(["-TERM", &format!("-{pgid}")])
+            .args(["-TERM", "--", &format!("-{pgid}")])
             .status();
         std::thread::sleep(Duration::from_millis(300));
         let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{pgid}")])
+            .args(["-KILL", "--", &format!("-{pgid}")])
             .status();
         let _ = self.0.wait();
     }
