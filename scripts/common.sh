@@ -25,7 +25,7 @@ ensure_host_packages() {
 # session bus, gdbus for the tray, ImageMagick for screenshots).
 ensure_desktop_packages() {
     local want=(libwebkit2gtk-4.1-dev libgtk-3-dev librsvg2-dev libayatana-appindicator3-dev libssl-dev libxdo-dev
-        file xvfb xauth webkit2gtk-driver dbus-x11 libglib2.0-bin imagemagick xdotool x11-utils nodejs npm)
+        file xvfb xauth webkit2gtk-driver dbus-x11 libglib2.0-bin imagemagick xdotool x11-utils docker-registry nodejs npm)
     local missing=() p
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

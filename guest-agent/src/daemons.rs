@@ -56,6 +56,11 @@ pub fn dockerd_config(net: Option<&berth_proto::NetConfig>) -> serde_json::Value
     // the host's loopback, as host.docker.internal does.
     if let Some(n) = net {
         c["host-gateway-ip"] = n.gateway4.to_string().into();
+        // A registry on the host's loopback, reached as
+        // host.docker.internal:PORT, is trusted over plain HTTP, as dockerd
+        // trusts one on its own 127.0.0.0/8 (Docker Desktop users run
+        // `registry:2` on localhost the same way).
+        c["insecure-registries"] = serde_json::json!([format!("{}/32", n.gateway4)]);
     }
     c
 }
@@ -269,5 +274,9 @@ mod tests {
         assert!(d.get("host-gateway-ip").is_none());
         let n = berth_proto::NetConfig::berth_default(false);
         assert_eq!(dockerd_config(Some(&n))["host-gateway-ip"], "192.168.127.1");
+        assert_eq!(
+            dockerd_config(Some(&n))["insecure-registries"][0],
+            "192.168.127.1/32"
+        );
     }
 }

@@ -20,6 +20,21 @@ mod tests {
         ContainerAction::export_all(&cfg).unwrap();
         ContainerDetail::export_all(&cfg).unwrap();
         LogLine::export_all(&cfg).unwrap();
+        {
+            use crate::docker::{images, stats, volumes};
+            images::ImageRow::export_all(&cfg).unwrap();
+            images::Removed::export_all(&cfg).unwrap();
+            images::HistoryRow::export_all(&cfg).unwrap();
+            images::PullProgress::export_all(&cfg).unwrap();
+            images::RunSpec::export_all(&cfg).unwrap();
+            volumes::VolumeRow::export_all(&cfg).unwrap();
+            volumes::VolumeListing::export_all(&cfg).unwrap();
+            stats::Usage::export_all(&cfg).unwrap();
+            stats::StatsPoint::export_all(&cfg).unwrap();
+            crate::troubleshoot::EngineUsage::export_all(&cfg).unwrap();
+            crate::troubleshoot::Bundle::export_all(&cfg).unwrap();
+            crate::troubleshoot::ResetPreview::export_all(&cfg).unwrap();
+        }
         crate::lifecycle::ConfigChange::export_all(&cfg).unwrap();
         crate::uierror::UiError::export_all(&cfg).unwrap();
     }

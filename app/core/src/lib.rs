@@ -15,5 +15,6 @@ pub mod net;
 pub mod paths;
 pub mod shell;
 pub mod status;
+pub mod troubleshoot;
 pub mod uierror;
 pub mod vsock;

@@ -166,3 +166,57 @@ pub async fn run(vsock_sock: &Path, argv: Vec<String>) -> Result<i32, ShellError
     writer.abort();
     code
 }
+
+/// What a process run with [`capture`] printed, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// Output beyond the limit was dropped.
+    pub truncated: bool,
+}
+
+/// Runs `argv` in the guest without a terminal or stdin and collects its
+/// output, keeping at most `limit` bytes of each stream (the process runs
+/// to its end either way). Callers bound the time with a timeout; dropping
+/// the future closes the connection, which kills the process.
+pub async fn capture(
+    vsock_sock: &Path,
+    argv: Vec<String>,
+    limit: usize,
+) -> Result<Captured, ShellError> {
+    let client = GuestClient::connect(vsock_sock, "berth-capture").await?;
+    let stream = client
+        .exec(ExecRequest {
+            argv,
+            env: Vec::new(),
+            cwd: None,
+            tty: None,
+        })
+        .await?;
+    let (mut rd, mut wr) = stream.into_split();
+    write_exec_frame(&mut wr, &ExecFrame::StdinEof).await?;
+    let mut out = Captured {
+        code: -1,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        truncated: false,
+    };
+    loop {
+        let (buf, d) = match read_exec_frame(&mut rd).await {
+            Ok(ExecFrame::Stdout(d)) => (&mut out.stdout, d),
+            Ok(ExecFrame::Stderr(d)) => (&mut out.stderr, d),
+            Ok(ExecFrame::Exit(c)) => {
+                out.code = c;
+                return Ok(out);
+            }
+            Ok(_) => continue,
+            Err(berth_proto::ExecFrameError::Closed) => return Err(ShellError::NoExit),
+            Err(e) => return Err(e.into()),
+        };
+        let room = limit.saturating_sub(buf.len());
+        out.truncated |= d.len() > room;
+        buf.extend_from_slice(&d[..d.len().min(room)]);
+    }
+}

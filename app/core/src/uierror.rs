@@ -45,6 +45,15 @@ impl From<DockerError> for UiError {
     }
 }
 
+impl From<crate::troubleshoot::TroubleError> for UiError {
+    fn from(e: crate::troubleshoot::TroubleError) -> UiError {
+        match e {
+            crate::troubleshoot::TroubleError::Lifecycle(l) => l.into(),
+            e => UiError::new(e.code(), e.to_string()),
+        }
+    }
+}
+
 impl From<LifecycleError> for UiError {
     fn from(e: LifecycleError) -> UiError {
         let code = match &e {

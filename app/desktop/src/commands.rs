@@ -1,15 +1,19 @@
 //! The commands the UI calls: thin, each over one `berth-core` call. Long
 //! work streams its progress over a channel; nothing here blocks the UI.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use berth_core::config::Config;
 use berth_core::docker::containers::{self, ContainerAction, ContainerDetail, ContainerRow};
+use berth_core::docker::images::{self, HistoryRow, ImageRow, PullProgress, Removed, RunSpec};
+use berth_core::docker::stats::{self, StatsPoint, Usage};
+use berth_core::docker::volumes::{self, VolumeListing, VolumeRow};
 use berth_core::docker::{logs, terminal};
 use berth_core::lifecycle::{self, ConfigChange};
 use berth_core::status::Status;
+use berth_core::troubleshoot::{self, Bundle, EngineUsage, ResetPreview};
 use berth_core::uierror::UiError;
 use tauri::ipc::Channel;
 use tauri::State;
@@ -115,21 +119,7 @@ pub async fn logs_stream(
 ) -> Res<u64> {
     containers::check_id(&id).map_err(UiError::from)?;
     let docker = state.docker().await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sid = state.next_id();
-    {
-        let mut open = state
-            .logs
-            .lock()
-            .map_err(|_| UiError::new("io", "internal lock"))?;
-        if open.len() >= MAX_STREAMS {
-            return Err(UiError::new(
-                "too_many",
-                format!("{MAX_STREAMS} log views are open already; close one"),
-            ));
-        }
-        open.insert(sid, stop.clone());
-    }
+    let (sid, stop) = state.open_stream("log and stats views")?;
     tokio::spawn(async move {
         let r = logs::stream(&docker, &id, tail, follow, |batch| {
             !stop.load(Ordering::Relaxed) && on_lines.send(batch).is_ok()
@@ -140,13 +130,10 @@ pub async fn logs_stream(
     Ok(sid)
 }
 
+/// Stops a log or stats stream.
 #[tauri::command]
-pub fn logs_stop(state: State<'_, AppState>, stream: u64) {
-    if let Ok(mut open) = state.logs.lock() {
-        if let Some(stop) = open.remove(&stream) {
-            stop.store(true, Ordering::Relaxed);
-        }
-    }
+pub fn stream_stop(state: State<'_, AppState>, stream: u64) {
+    state.close_stream(stream);
 }
 
 /// Writes log text the UI assembled to a file the user picked.
@@ -259,4 +246,172 @@ pub async fn app_quit<R: tauri::Runtime>(
     }
     app.exit(0);
     Ok(())
+}
+
+/// Sends the running containers' CPU and memory after each sweep until a
+/// newer watch replaces this one or the engine stops.
+#[tauri::command]
+pub async fn usage_watch(state: State<'_, AppState>, on_usage: Channel<Vec<Usage>>) -> Res<()> {
+    let gen = state.usage_gen.fetch_add(1, Ordering::SeqCst) + 1;
+    let gen_now = &state.usage_gen;
+    state
+        .with_docker(|d| async move {
+            stats::watch_usage(&d, |u| {
+                gen_now.load(Ordering::SeqCst) == gen && on_usage.send(u).is_ok()
+            })
+            .await
+        })
+        .await
+}
+
+/// Streams one container's samples for its chart until `stream_stop`.
+#[tauri::command]
+pub async fn stats_stream(
+    state: State<'_, AppState>,
+    id: String,
+    on_point: Channel<StatsPoint>,
+) -> Res<u64> {
+    containers::check_id(&id).map_err(UiError::from)?;
+    let docker = state.docker().await?;
+    let (sid, stop) = state.open_stream("log and stats views")?;
+    tokio::spawn(async move {
+        let _ = stats::stream(&docker, &id, |p| {
+            !stop.load(Ordering::Relaxed) && on_point.send(p).is_ok()
+        })
+        .await;
+    });
+    Ok(sid)
+}
+
+#[tauri::command]
+pub async fn images_list(state: State<'_, AppState>) -> Res<Vec<ImageRow>> {
+    state
+        .with_docker(|d| async move { images::list(&d).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn image_remove(
+    state: State<'_, AppState>,
+    reference: String,
+    force: bool,
+) -> Res<Removed> {
+    state
+        .with_docker(|d| async move { images::remove(&d, &reference, force).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn images_prune(state: State<'_, AppState>) -> Res<Removed> {
+    state
+        .with_docker(|d| async move { images::prune(&d).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn image_history(state: State<'_, AppState>, reference: String) -> Res<Vec<HistoryRow>> {
+    state
+        .with_docker(|d| async move { images::history(&d, &reference).await })
+        .await
+}
+
+/// Pulls an image, its per-layer progress on `on_progress`; returns when
+/// the pull ended.
+#[tauri::command]
+pub async fn image_pull(
+    state: State<'_, AppState>,
+    reference: String,
+    on_progress: Channel<PullProgress>,
+) -> Res<PullProgress> {
+    state
+        .with_docker(|d| async move {
+            images::pull(&d, &reference, |p| {
+                let _ = on_progress.send(p);
+                true
+            })
+            .await
+        })
+        .await
+}
+
+#[tauri::command]
+pub async fn image_run(state: State<'_, AppState>, spec: RunSpec) -> Res<String> {
+    state
+        .with_docker(|d| async move { images::run(&d, &spec).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn volumes_list(state: State<'_, AppState>) -> Res<Vec<VolumeRow>> {
+    let sock = state.state_dir.docker_sock();
+    state
+        .with_docker(|d| async move { volumes::list(&d, &sock).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn volume_create(state: State<'_, AppState>, name: String) -> Res<VolumeRow> {
+    state
+        .with_docker(|d| async move { volumes::create(&d, &name).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn volume_remove(state: State<'_, AppState>, name: String) -> Res<()> {
+    state
+        .with_docker(|d| async move { volumes::remove(&d, &name).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn volumes_prune(state: State<'_, AppState>) -> Res<Removed> {
+    state
+        .with_docker(|d| async move { volumes::prune(&d).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn volume_browse(
+    state: State<'_, AppState>,
+    name: String,
+    path: String,
+) -> Res<VolumeListing> {
+    let vsock = state.state_dir.vsock_sock();
+    state
+        .with_docker(|d| async move { volumes::browse(&d, &vsock, &name, &path).await })
+        .await
+}
+
+#[tauri::command]
+pub async fn engine_usage(state: State<'_, AppState>) -> Res<EngineUsage> {
+    Ok(troubleshoot::engine_usage(&state.state_dir).await?)
+}
+
+#[tauri::command]
+pub fn console_log(state: State<'_, AppState>) -> Res<String> {
+    Ok(troubleshoot::console_log(&state.state_dir)?)
+}
+
+#[tauri::command]
+pub async fn diagnostics_save(state: State<'_, AppState>, path: String) -> Res<Bundle> {
+    Ok(troubleshoot::write_bundle(&state.state_dir, std::path::Path::new(&path)).await?)
+}
+
+#[tauri::command]
+pub async fn reset_preview(state: State<'_, AppState>) -> Res<ResetPreview> {
+    Ok(troubleshoot::reset_preview(&state.state_dir).await)
+}
+
+/// Stops the engine and puts the settings back; deletes the data disk
+/// only when `wipe_data` (the UI asks first, naming what is lost).
+#[tauri::command]
+pub async fn engine_reset(
+    state: State<'_, AppState>,
+    wipe_data: bool,
+    progress: Channel<String>,
+) -> Res<Vec<String>> {
+    Ok(troubleshoot::reset(&state.state_dir, wipe_data, |line| {
+        let _ = progress.send(line.to_owned());
+    })
+    .await?)
 }

@@ -23,8 +23,10 @@ pub struct AppState {
     /// this change.
     pub watch_gen: AtomicU64,
     next_id: AtomicU64,
-    /// Log streams by id, each with its stop flag.
-    pub logs: std::sync::Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    /// The current usage sweep (same rule as `watch_gen`).
+    pub usage_gen: AtomicU64,
+    /// Log and stats streams by id, each with its stop flag.
+    pub streams: std::sync::Mutex<HashMap<u64, Arc<AtomicBool>>>,
     pub terminals: tokio::sync::Mutex<HashMap<u64, Arc<Terminal>>>,
 }
 
@@ -35,13 +37,42 @@ impl AppState {
             docker: tokio::sync::Mutex::new(None),
             watch_gen: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
-            logs: std::sync::Mutex::new(HashMap::new()),
+            usage_gen: AtomicU64::new(0),
+            streams: std::sync::Mutex::new(HashMap::new()),
             terminals: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a new stream (bounded by [`MAX_STREAMS`]); returns its id
+    /// and the flag that stops it.
+    pub fn open_stream(&self, what: &str) -> Result<(u64, Arc<AtomicBool>), UiError> {
+        let mut open = self
+            .streams
+            .lock()
+            .map_err(|_| UiError::new("io", "internal lock"))?;
+        if open.len() >= MAX_STREAMS {
+            return Err(UiError::new(
+                "too_many",
+                format!("{MAX_STREAMS} {what} are open already; close one"),
+            ));
+        }
+        let id = self.next_id();
+        let stop = Arc::new(AtomicBool::new(false));
+        open.insert(id, stop.clone());
+        Ok((id, stop))
+    }
+
+    /// Stops a stream and forgets it.
+    pub fn close_stream(&self, id: u64) {
+        if let Ok(mut open) = self.streams.lock() {
+            if let Some(stop) = open.remove(&id) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The Docker client, connected on first use (and again after the

@@ -34,6 +34,8 @@ struct Env {
     app: PathBuf,
     app_dir: PathBuf,
     shots: PathBuf,
+    /// The session bus the app (and its tray) is on.
+    bus: String,
 }
 
 impl Env {
@@ -43,6 +45,7 @@ impl Env {
             .env("BERTH_IMAGE_DIR", &self.image_dir)
             .env_remove("DOCKER_HOST")
             .env_remove("DOCKER_CONTEXT")
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.bus)
             .stdin(Stdio::null());
     }
 
@@ -216,12 +219,31 @@ fn cases() -> Vec<Case> {
         ("ui_terminal_runs_a_command", |c, e| {
             Box::pin(terminal_runs(c, e))
         }),
+        ("ui_charts_a_containers_stats", |c, e| {
+            Box::pin(charts_stats(c, e))
+        }),
         ("ui_stops_and_removes_a_container", |c, e| {
             Box::pin(stops_and_removes(c, e))
+        }),
+        ("ui_pulls_and_removes_images", |c, e| {
+            Box::pin(pulls_and_removes_images(c, e))
+        }),
+        ("ui_manages_and_browses_volumes", |c, e| {
+            Box::pin(volumes(c, e))
+        }),
+        ("ui_figures_300_containers_100k_lines", |c, e| {
+            Box::pin(figures(c, e))
         }),
         ("ui_settings_agree_with_the_cli", |c, e| {
             Box::pin(settings_agree(c, e))
         }),
+        ("ui_troubleshoot_and_engine_use", |c, e| {
+            Box::pin(troubleshoot(c, e))
+        }),
+        ("ui_dark_theme_screenshots", |c, e| {
+            Box::pin(dark_theme(c, e))
+        }),
+        ("ui_tray_over_dbus", |c, e| Box::pin(tray_over_dbus(c, e))),
     ]
 }
 
@@ -483,6 +505,846 @@ async fn settings_agree(c: &Client, env: &Env) {
     env.berth_ok(&["config", "set", "cpus", &before.to_string()]);
 }
 
+async fn js(c: &Client, script: &str, args: Vec<serde_json::Value>) -> serde_json::Value {
+    c.execute(script, args)
+        .await
+        .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+}
+
+async fn type_into(c: &Client, css: &str, value: &str) {
+    let e = c
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"));
+    e.clear().await.unwrap();
+    e.send_keys(value).await.unwrap();
+}
+
+/// Calls an app command straight from the page, as the UI does; returns
+/// `{ok}` or `{err}` (the UiError).
+async fn invoke(c: &Client, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+    c.execute_async(
+        "const [cmd, args, done] = arguments;
+         window.__TAURI_INTERNALS__.invoke(cmd, args)
+           .then((ok) => done({ ok }), (err) => done({ err }));",
+        vec![json!(cmd), args],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("invoking {cmd}: {e}"))
+}
+
+/// The app's process id (the e2e copy's name is unique).
+fn app_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "berth-desktop-e" || comm.trim() == "berth-desktop-e2e").then_some(pid)
+    })
+}
+
+/// Resident KiB of a process.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Child processes of `pid` (WebKit's web and network processes).
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // pid (comm) state ppid …
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1).and_then(|v| v.parse().ok()) == Some(pid) {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            out.push((p, comm.trim().to_owned()));
+        }
+    }
+    out
+}
+
+/// Wall-clock start of a process, Unix ms (from /proc: boot time plus its
+/// start in clock ticks).
+fn process_start_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks: f64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let btime: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some((btime + ticks / hz) * 1000.0)
+}
+
+/// Start-up figure: the app process's start to the UI's first painted
+/// frame (main.ts records it).
+async fn first_paint_figure(c: &Client) {
+    let mut painted = serde_json::Value::Null;
+    for _ in 0..200 {
+        painted = js(c, "return window.__berthFirstPaint ?? null;", vec![]).await;
+        if !painted.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match (app_pid().and_then(process_start_ms), painted.as_f64()) {
+        (Some(start), Some(paint)) => println!(
+            "      figure: app start to first paint {:.0} ms (process start to the UI's first frame)",
+            paint - start
+        ),
+        other => println!("      figure: first paint not measured ({other:?})"),
+    }
+}
+
+async fn charts_stats(c: &Client, env: &Env) {
+    click(c, "[data-testid=tab-stats]").await;
+    until("the stats chart", Duration::from_secs(30), || async {
+        text(c, "[data-testid=stats-mem]").await.contains('B')
+    })
+    .await;
+    // A few samples for the lines.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    shot(c, env, "container-stats").await;
+}
+
+async fn pulls_and_removes_images(c: &Client, env: &Env) {
+    // A registry on the host's loopback, as public ones are unreachable.
+    let port = free_port();
+    let cfg = env.work.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            env.work.join("registry").display()
+        ),
+    )
+    .unwrap();
+    let _registry = spawn_group(
+        {
+            let mut c = Command::new("docker-registry");
+            c.args(["serve", cfg.to_str().unwrap()]);
+            c
+        },
+        &env.work.join("registry.log"),
+    );
+    assert!(
+        wait_port(port, Duration::from_secs(20)),
+        "the registry did not listen: {}",
+        std::fs::read_to_string(env.work.join("registry.log")).unwrap_or_default()
+    );
+    // An image of its own: our busybox plus an 8 MiB layer, so the pull
+    // has a layer to download and extract.
+    let remote = format!("host.docker.internal:{port}/berth-e2e/pulled:1");
+    env.docker_ok(&[
+        "run",
+        "--name",
+        "desk-layer",
+        IMAGE,
+        "sh",
+        "-c",
+        "dd if=/dev/urandom of=/blob bs=1024 count=8192 2>/dev/null",
+    ]);
+    env.docker_ok(&["commit", "desk-layer", &remote]);
+    env.docker_ok(&["rm", "desk-layer"]);
+    env.docker_ok(&["push", &remote]);
+    env.docker_ok(&["rmi", &remote]);
+
+    click(c, "[data-testid=nav-images]").await;
+    until("the image list", Duration::from_secs(20), || async {
+        count(c, "[data-testid=image-row]").await >= 1
+    })
+    .await;
+    // Every state the progress panel shows, however briefly.
+    js(
+        c,
+        "window.__pullSeen = [];
+         new MutationObserver(() => {
+           const p = document.querySelector('[data-testid=pull-progress]');
+           if (p) window.__pullSeen.push(p.textContent);
+         }).observe(document.body, { subtree: true, childList: true, characterData: true });",
+        vec![],
+    )
+    .await;
+    type_into(c, "[data-testid=pull-ref]", &remote).await;
+    click(c, "[data-testid=pull-go]").await;
+    let row = format!("[data-testid=image-row][data-tags~=\"{remote}\"]");
+    let t = until(
+        "the pulled image listed",
+        Duration::from_secs(120),
+        || async { count(c, &row).await == 1 },
+    )
+    .await;
+    let seen = js(c, "return window.__pullSeen;", vec![]).await;
+    let seen: Vec<String> = serde_json::from_value(seen).unwrap_or_default();
+    let layer_lines = seen
+        .iter()
+        .filter(|s| {
+            [
+                "Pulling fs layer",
+                "Downloading",
+                "Extracting",
+                "Pull complete",
+                "Verifying",
+            ]
+            .iter()
+            .any(|w| s.contains(w))
+        })
+        .count();
+    println!(
+        "      pulled in {:.1} s; the progress panel changed {} times, {layer_lines} with a layer's state",
+        t.as_secs_f64(),
+        seen.len()
+    );
+    assert!(layer_lines > 0, "no per-layer progress was shown: {seen:?}");
+    env.docker_ok(&["image", "inspect", &remote]);
+    assert!(text(c, "[data-testid=images-notice]")
+        .await
+        .contains(&remote));
+    shot(c, env, "images").await;
+
+    // Its layers.
+    click(c, &format!("{row} button[aria-label^='History']")).await;
+    until("the layers", Duration::from_secs(20), || async {
+        count(c, "[data-testid=image-history] tbody tr").await >= 1
+    })
+    .await;
+    shot(c, env, "images-layers").await;
+
+    // In use: refused, naming the container; nothing removed.
+    env.docker_ok(&["create", "--name", "desk-holder", &remote, "true"]);
+    until("the image in use", Duration::from_secs(20), || async {
+        text(c, &row).await.contains("desk-holder")
+    })
+    .await;
+    click(c, &format!("{row} [data-testid=image-remove]")).await;
+    until("the in-use question", Duration::from_secs(20), || async {
+        text(c, "[data-testid=confirm]")
+            .await
+            .contains("desk-holder")
+    })
+    .await;
+    shot(c, env, "images-remove-in-use").await;
+    click(c, "[data-testid=confirm-cancel]").await;
+    env.docker_ok(&["image", "inspect", &remote]);
+    env.docker_ok(&["rm", "desk-holder"]);
+
+    // Unused: removed at once; the CLI agrees.
+    until("the image unused", Duration::from_secs(20), || async {
+        !text(c, &row).await.contains("desk-holder")
+    })
+    .await;
+    click(c, &format!("{row} [data-testid=image-remove]")).await;
+    until(
+        "docker no longer having it",
+        Duration::from_secs(30),
+        || async { !env.docker(&["image", "inspect", &remote]).0 },
+    )
+    .await;
+    until("the list dropping it", Duration::from_secs(10), || async {
+        count(c, &row).await == 0
+    })
+    .await;
+
+    // Run from the dialog: Docker's refusal (an imported image has no
+    // command) is shown in the dialog.
+    let ours = format!("[data-testid=image-row][data-tags~=\"{IMAGE}\"]");
+    click(c, &format!("{ours} button[aria-label^='Run']")).await;
+    type_into(c, "[data-testid=run-name]", "desk-run").await;
+    type_into(c, "[data-testid=run-ports]", "18091:80").await;
+    click(c, "[data-testid=run-go]").await;
+    until("the run error", Duration::from_secs(30), || async {
+        !text(c, "[data-testid=run-error]").await.is_empty()
+    })
+    .await;
+    println!(
+        "      run dialog says: {}",
+        text(c, "[data-testid=run-error]").await
+    );
+    shot(c, env, "images-run-dialog").await;
+    click(c, "[data-testid=run-dialog] button[type=button]").await;
+    let (_, names, _) = env.docker(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert!(
+        !names.lines().any(|n| n == "desk-run"),
+        "a failed run left a container behind"
+    );
+}
+
+async fn volumes(c: &Client, env: &Env) {
+    env.docker_ok(&["volume", "create", "desk-vol"]);
+    env.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "desk-vol:/v",
+        IMAGE,
+        "sh",
+        "-c",
+        "mkdir -p /v/sub && echo hello > /v/sub/f.txt && ln -s / /v/escape \
+         && dd if=/dev/zero of=/v/blob bs=1024 count=300 2>/dev/null",
+    ]);
+    env.docker_ok(&[
+        "create",
+        "--name",
+        "desk-vol-user",
+        "-v",
+        "desk-vol:/v",
+        IMAGE,
+        "true",
+    ]);
+    click(c, "[data-testid=nav-volumes]").await;
+    let row = "[data-testid=volume-row][data-name=desk-vol]";
+    until(
+        "the volume listed with its size and user",
+        Duration::from_secs(60),
+        || async {
+            let t = text(c, row).await;
+            t.contains("KiB") && t.contains("desk-vol-user")
+        },
+    )
+    .await;
+    println!(
+        "      row: {}",
+        text(c, row)
+            .await
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    shot(c, env, "volumes").await;
+
+    click(c, &format!("{row} [data-testid=volume-browse]")).await;
+    until("the volume's files", Duration::from_secs(30), || async {
+        count(c, "[data-testid=volume-entry][data-name=sub]").await == 1
+            && text(c, "[data-testid=volume-entry][data-name=escape]")
+                .await
+                .contains("→ /")
+    })
+    .await;
+    click(c, "[data-testid=volume-entry][data-name=sub] button").await;
+    until("a directory inside", Duration::from_secs(30), || async {
+        count(c, "[data-testid=volume-entry][data-name=\"f.txt\"]").await == 1
+    })
+    .await;
+    shot(c, env, "volumes-browse").await;
+    // A link out of the volume is not followed.
+    let r = invoke(
+        c,
+        "volume_browse",
+        json!({"name": "desk-vol", "path": "escape"}),
+    )
+    .await;
+    assert_eq!(r["err"]["code"], "invalid", "{r}");
+    assert!(
+        r["err"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outside"),
+        "{r}"
+    );
+    let r = invoke(
+        c,
+        "volume_browse",
+        json!({"name": "desk-vol", "path": "../.."}),
+    )
+    .await;
+    assert_eq!(r["err"]["code"], "invalid", "{r}");
+
+    // In use: refused, naming the user.
+    let r = invoke(c, "volume_remove", json!({"name": "desk-vol"})).await;
+    assert!(
+        r["err"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("desk-vol-user"),
+        "{r}"
+    );
+    // Create and remove from the UI; the CLI agrees.
+    type_into(c, "[data-testid=volume-name]", "desk-vol2").await;
+    click(c, "[data-testid=volume-create]").await;
+    until(
+        "docker seeing the new volume",
+        Duration::from_secs(20),
+        || async {
+            env.docker_ok(&["volume", "ls", "-q"])
+                .lines()
+                .any(|v| v == "desk-vol2")
+        },
+    )
+    .await;
+    let row2 = "[data-testid=volume-row][data-name=desk-vol2]";
+    until("the new volume listed", Duration::from_secs(30), || async {
+        count(c, row2).await == 1
+    })
+    .await;
+    click(c, &format!("{row2} [data-testid=volume-remove]")).await;
+    click(c, "[data-testid=confirm-go]").await;
+    until(
+        "docker no longer having it",
+        Duration::from_secs(20),
+        || async {
+            !env.docker_ok(&["volume", "ls", "-q"])
+                .lines()
+                .any(|v| v == "desk-vol2")
+        },
+    )
+    .await;
+    env.docker_ok(&["rm", "desk-vol-user"]);
+    env.docker_ok(&["volume", "rm", "desk-vol"]);
+}
+
+/// Figures: the container list with 300 containers, the log view with
+/// 100,000 lines, the app's resident memory idle.
+async fn figures(c: &Client, env: &Env) {
+    // 300 containers (100 of them in a compose project), four CLIs at once.
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..4 {
+            s.spawn(move || {
+                for i in (w..300).step_by(4) {
+                    let name = format!("bulk-{i:03}-a-container-with-a-long-descriptive-name");
+                    let mut args = vec!["create", "--name", &name];
+                    let label = "com.docker.compose.project=bulk-project";
+                    if i < 100 {
+                        args.extend(["--label", label]);
+                    }
+                    args.extend([IMAGE, "true"]);
+                    env.docker_ok(&args);
+                }
+            });
+        }
+    });
+    println!(
+        "      made 300 containers in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    click(c, "[data-testid=nav-containers]").await;
+    until("300 rows", Duration::from_secs(60), || async {
+        count(c, "[data-testid=container-row]").await >= 300
+    })
+    .await;
+    // Render time: from the view's switch to the frame after 300 rows exist
+    // (the list is already in memory: this is the UI's own cost).
+    let mut ms = Vec::new();
+    for _ in 0..5 {
+        click(c, "[data-testid=nav-images]").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let v = c
+            .execute_async(
+                "const done = arguments[0];
+                 const t0 = performance.now();
+                 document.querySelector('[data-testid=nav-containers]').click();
+                 const tick = () => document.querySelectorAll('[data-testid=container-row]').length >= 300
+                   ? requestAnimationFrame(() => done(performance.now() - t0))
+                   : requestAnimationFrame(tick);
+                 tick();",
+                vec![],
+            )
+            .await
+            .unwrap();
+        ms.push(v.as_f64().unwrap_or(f64::NAN));
+    }
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "      figure: container list with 300 containers rendered in {:.0} ms (median of 5; min {:.0}, max {:.0})",
+        ms[2], ms[0], ms[4]
+    );
+    shot(c, env, "containers-300").await;
+    env.docker_ok(&["container", "prune", "-f"]);
+    until("the list emptied", Duration::from_secs(60), || async {
+        count(c, "[data-testid=container-row]").await < 10
+    })
+    .await;
+
+    // 100,000 log lines.
+    env.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "desk-loud",
+        IMAGE,
+        "sh",
+        "-c",
+        "awk 'BEGIN { for (i = 1; i <= 100000; i++) printf \"%06d a line from a chatty container, as long as a real one tends to be\\n\", i }'; sleep 100000",
+    ]);
+    until("100,000 lines logged", Duration::from_secs(120), || async {
+        env.docker(&["logs", "--tail", "1", "desk-loud"])
+            .1
+            .starts_with("100000")
+    })
+    .await;
+    until(
+        "the loud container listed",
+        Duration::from_secs(20),
+        || async { count(c, &row_css("desk-loud")).await == 1 },
+    )
+    .await;
+    let v = c
+        .execute_async(
+            "const [css, done] = arguments;
+             const t0 = performance.now();
+             let first = null;
+             document.querySelector(css).click();
+             const tick = () => {
+               const box = document.querySelector('[data-testid=logs-lines]');
+               const now = performance.now();
+               if (first === null && box && box.querySelector('.line')) first = now - t0;
+               if (box && box.textContent.includes('100000 a line'))
+                 requestAnimationFrame(() => done({ first, all: performance.now() - t0 }));
+               else if (now - t0 > 60000) done({ first, all: null });
+               else requestAnimationFrame(tick);
+             };
+             tick();",
+            vec![json!(format!("{} [data-row-name]", row_css("desk-loud")))],
+        )
+        .await
+        .unwrap();
+    println!(
+        "      figure: logs view, 100,000 lines: first line shown {:.0} ms, the last line {:.0} ms after the click",
+        v["first"].as_f64().unwrap_or(f64::NAN),
+        v["all"].as_f64().unwrap_or(f64::NAN)
+    );
+    assert!(v["all"].is_number(), "the 100,000th line never showed: {v}");
+    let count_text = text(c, "[data-testid=logs-count]").await;
+    let digits: String = count_text
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    assert_eq!(digits, "100000", "{count_text}");
+    // The reference: the same log read whole by the docker CLI.
+    let t = Instant::now();
+    let (ok, out, _) = env.docker(&["logs", "desk-loud"]);
+    assert!(ok && out.lines().count() == 100_000);
+    println!(
+        "      figure: reference, `docker logs` of the same 100,000 lines: {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    // Scrolling: 120 steps from the bottom to the top, one per frame.
+    let f = c
+        .execute_async(
+            "const done = arguments[0];
+             const box = document.querySelector('[data-testid=logs-lines]');
+             const steps = 120, top = box.scrollHeight;
+             const times = [];
+             let i = 0, last = performance.now();
+             const step = () => {
+               const now = performance.now();
+               if (i > 0) times.push(now - last);
+               last = now;
+               if (i === steps) {
+                 times.sort((a, b) => a - b);
+                 const mean = times.reduce((a, b) => a + b, 0) / times.length;
+                 done({ mean, p95: times[Math.floor(times.length * 0.95)], max: times[times.length - 1],
+                        shown: box.querySelectorAll('.line').length });
+                 return;
+               }
+               box.scrollTop = top - (top * ++i) / steps;
+               requestAnimationFrame(step);
+             };
+             requestAnimationFrame(step);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    println!(
+        "      figure: logs view scrolled through 100,000 lines: frame mean {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} line elements in the page)",
+        f["mean"].as_f64().unwrap_or(f64::NAN),
+        f["p95"].as_f64().unwrap_or(f64::NAN),
+        f["max"].as_f64().unwrap_or(f64::NAN),
+        f["shown"]
+    );
+    shot(c, env, "container-logs-100k").await;
+    click(c, "button[aria-label='Back to the list']").await;
+    env.docker_ok(&["rm", "-f", "desk-loud"]);
+
+    // Resident memory, idle on the container list for 10 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    if let Some(pid) = app_pid() {
+        let own = rss_kib(pid);
+        let kids: Vec<(String, u64)> = children(pid)
+            .into_iter()
+            .map(|(p, n)| (n, rss_kib(p)))
+            .collect();
+        let total: u64 = own + kids.iter().map(|k| k.1).sum::<u64>();
+        println!(
+            "      figure: app resident memory idle: {} MiB in all (app {} MiB; {})",
+            total / 1024,
+            own / 1024,
+            kids.iter()
+                .map(|(n, k)| format!("{n} {} MiB", k / 1024))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
+async fn troubleshoot(c: &Client, env: &Env) {
+    click(c, "[data-testid=nav-engine]").await;
+    until("memory and disk use", Duration::from_secs(30), || async {
+        text(c, "[data-testid=engine-memory]")
+            .await
+            .contains("in use")
+            && text(c, "[data-testid=engine-disk]").await.contains("used")
+    })
+    .await;
+    shot(c, env, "engine-running").await;
+    click(c, "[data-testid=nav-troubleshoot]").await;
+    until("the console log", Duration::from_secs(20), || async {
+        text(c, "[data-testid=console-log]")
+            .await
+            .contains("berth-agent")
+    })
+    .await;
+    shot(c, env, "troubleshoot").await;
+    // The bundle (its file dialog is the OS's; the command is called as
+    // the UI calls it with the path the dialog returned).
+    let out = env.work.join("diag.tar.gz");
+    let r = invoke(
+        c,
+        "diagnostics_save",
+        json!({"path": out.to_str().unwrap()}),
+    )
+    .await;
+    assert!(r["ok"]["files"].is_array(), "{r}");
+    let (ok, list, err) = env.run(Path::new("tar"), &["-tzf", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for f in ["versions.txt", "status.json", "config.toml", "console.log"] {
+        assert!(list.contains(f), "{f} missing from the bundle: {list}");
+    }
+    // Reset asks first, naming what would be lost; cancelled here.
+    click(c, "[data-testid=reset]").await;
+    until("the reset question", Duration::from_secs(20), || async {
+        let t = text(c, "[data-testid=confirm]").await;
+        t.contains("data.img") || t.contains("data disk")
+    })
+    .await;
+    let q = text(c, "[data-testid=confirm]").await;
+    assert!(q.contains("images") && q.contains("volumes"), "{q}");
+    shot(c, env, "troubleshoot-reset-confirm").await;
+    click(c, "[data-testid=confirm-cancel]").await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&env.berth_ok(&["status", "--json"])).unwrap()
+            ["state"],
+        "running"
+    );
+}
+
+async fn dark_theme(c: &Client, env: &Env) {
+    // A container for the list and detail views.
+    env.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        CONTAINER,
+        "-p",
+        "127.0.0.1:18090:80",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo hello from a dark screenshot; echo on stderr >&2; sleep 100000",
+    ]);
+    click(c, "[data-testid=nav-settings]").await;
+    js(
+        c,
+        "const s = document.querySelector('[data-testid=set-theme]');
+         s.value = 'dark'; s.dispatchEvent(new Event('change'));",
+        vec![],
+    )
+    .await;
+    until("the dark theme", Duration::from_secs(5), || async {
+        js(c, "return document.documentElement.dataset.theme;", vec![]).await == "dark"
+    })
+    .await;
+    shot(c, env, "dark-settings").await;
+    for (nav, name) in [
+        ("engine", "dark-engine"),
+        ("images", "dark-images"),
+        ("volumes", "dark-volumes"),
+        ("troubleshoot", "dark-troubleshoot"),
+        ("containers", "dark-containers"),
+    ] {
+        click(c, &format!("[data-testid=nav-{nav}]")).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        shot(c, env, name).await;
+    }
+    until("the container", Duration::from_secs(20), || async {
+        count(c, &row_css(CONTAINER)).await == 1
+    })
+    .await;
+    click(c, &format!("{} [data-row-name]", row_css(CONTAINER))).await;
+    until("its log", Duration::from_secs(20), || async {
+        text(c, "[data-testid=logs-lines]")
+            .await
+            .contains("dark screenshot")
+    })
+    .await;
+    shot(c, env, "dark-container-logs").await;
+    click(c, "[data-testid=tab-stats]").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    shot(c, env, "dark-container-stats").await;
+    click(c, "button[aria-label='Back to the list']").await;
+    env.docker_ok(&["rm", "-f", CONTAINER]);
+    click(c, "[data-testid=nav-settings]").await;
+    js(
+        c,
+        "const s = document.querySelector('[data-testid=set-theme]');
+         s.value = 'system'; s.dispatchEvent(new Event('change'));",
+        vec![],
+    )
+    .await;
+}
+
+/// The tray's StatusNotifierItem and its menu, read and clicked over
+/// D-Bus (an Xvfb has no tray to look at).
+async fn tray_over_dbus(c: &Client, env: &Env) {
+    let gdbus = |args: &[&str]| -> String {
+        let mut all = vec!["call", "--session"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = env.run(Path::new("gdbus"), &all);
+        assert!(ok, "gdbus {}: {err}", args.join(" "));
+        out
+    };
+    let names = gdbus(&[
+        "--dest",
+        "org.freedesktop.DBus",
+        "--object-path",
+        "/org/freedesktop/DBus",
+        "--method",
+        "org.freedesktop.DBus.ListNames",
+    ]);
+    // The app's connection exports the item under this path.
+    let mut found = None;
+    for n in names.split('\'').filter(|n| n.starts_with(":1.")) {
+        let (ok, out, _) = env.run(
+            Path::new("gdbus"),
+            &[
+                "introspect",
+                "--session",
+                "--dest",
+                n,
+                "--object-path",
+                "/org/ayatana/NotificationItem",
+            ],
+        );
+        if let Some(node) = out.lines().find_map(|l| l.trim().strip_prefix("node ")) {
+            if ok && !node.starts_with('/') {
+                found = Some((n.to_owned(), node.trim_end_matches(" {").to_owned()));
+                break;
+            }
+        }
+    }
+    let (dest, node) = found.expect("no StatusNotifierItem on the app's bus");
+    let path = format!("/org/ayatana/NotificationItem/{node}");
+    let props = gdbus(&[
+        "--dest",
+        &dest,
+        "--object-path",
+        &path,
+        "--method",
+        "org.freedesktop.DBus.Properties.GetAll",
+        "org.kde.StatusNotifierItem",
+    ]);
+    assert!(props.contains("'Status': <'Active'>"), "{props}");
+    let menu = format!("{path}/Menu");
+    let layout = || {
+        gdbus(&[
+            "--dest",
+            &dest,
+            "--object-path",
+            &menu,
+            "--method",
+            "com.canonical.dbusmenu.GetLayout",
+            "--",
+            "0",
+            "-1",
+            "@as []",
+        ])
+    };
+    // Menu entries: (id, label, enabled).
+    let items = |l: &str| -> Vec<(String, String, bool)> {
+        l.split("<(")
+            .skip(1)
+            .filter_map(|it| {
+                let id = it.split(',').next()?.trim().to_owned();
+                let label = it
+                    .split("'label': <'")
+                    .nth(1)?
+                    .split("'>")
+                    .next()?
+                    .to_owned();
+                Some((id, label, !it.contains("'enabled': <false>")))
+            })
+            .collect()
+    };
+    let l = layout();
+    let now = items(&l);
+    println!("      tray menu: {now:?}");
+    assert!(now.iter().any(|i| i.1 == "Berth: running"), "{l}");
+    let stop = now
+        .iter()
+        .find(|i| i.1 == "Stop engine")
+        .expect("a Stop item");
+    assert!(stop.2, "Stop is disabled while running: {l}");
+    assert!(now.iter().any(|i| i.1 == "Start engine" && !i.2), "{l}");
+    assert!(now.iter().any(|i| i.1 == "Open Berth") && now.iter().any(|i| i.1.starts_with("Quit")));
+    // Clicking Stop stops the engine, as the CLI sees it.
+    gdbus(&[
+        "--dest",
+        &dest,
+        "--object-path",
+        &menu,
+        "--method",
+        "com.canonical.dbusmenu.Event",
+        "--",
+        &stop.0,
+        "clicked",
+        "<int32 0>",
+        "0",
+    ]);
+    until(
+        "the engine stopped from the tray",
+        Duration::from_secs(90),
+        || async {
+            let (_, out, _) = env.run(&env.app_dir.join("berth"), &["status", "--json"]);
+            out.contains("\"state\": \"stopped\"") || out.contains("\"state\":\"stopped\"")
+        },
+    )
+    .await;
+    until("the tray saying so", Duration::from_secs(20), || async {
+        let now = items(&layout());
+        now.iter().any(|i| i.1 == "Berth: stopped")
+            && now.iter().any(|i| i.1 == "Start engine" && i.2)
+    })
+    .await;
+    until("the window saying so", Duration::from_secs(20), || async {
+        text(c, ".engine-pill").await.contains("stopped")
+    })
+    .await;
+}
+
 fn main() -> ExitCode {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     if std::env::args().any(|a| a == "--list") {
@@ -518,7 +1380,9 @@ fn main() -> ExitCode {
             "tauri-driver",
             "cargo install tauri-driver --version '^2' --locked",
         ),
-        ("dbus-run-session", "dbus"),
+        ("dbus-daemon", "dbus"),
+        ("gdbus", "libglib2.0-bin"),
+        ("docker-registry", "docker-registry"),
         ("docker", "the docker CLI"),
     ] {
         if berth_core::paths::find_on_path(program).is_none() {
@@ -536,6 +1400,7 @@ fn main() -> ExitCode {
         shots: std::env::var_os("BERTH_SCREENSHOT_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target/screenshots")),
+        bus: format!("unix:path={}", scratch.0.join("bus").display()),
     };
     std::fs::create_dir_all(&env.docker_config).unwrap();
     std::fs::create_dir_all(&env.shots).unwrap();
@@ -560,14 +1425,26 @@ fn main() -> ExitCode {
         },
         &env.work.join("xvfb.log"),
     );
+    // The app's own session bus, so the tray can be read over it.
+    let _bus = spawn_group(
+        {
+            let mut c = Command::new("dbus-daemon");
+            c.args(["--session", "--nofork", &format!("--address={}", env.bus)]);
+            c
+        },
+        &env.work.join("dbus.log"),
+    );
+    let bus_path = env.work.join("bus");
+    let t0 = Instant::now();
+    while !bus_path.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let port = free_port();
     let native = free_port();
     let driver = spawn_group(
         {
-            let mut c = Command::new("dbus-run-session");
+            let mut c = Command::new("tauri-driver");
             c.args([
-                "--",
-                "tauri-driver",
                 "--port",
                 &port.to_string(),
                 "--native-port",
@@ -625,6 +1502,7 @@ fn main() -> ExitCode {
             }
         };
         println!("setup: app session in {:.1} s", t0.elapsed().as_secs_f64());
+        first_paint_figure(&client).await;
         for (name, f) in &selected {
             let t = Instant::now();
             let r = futures_catch(f(&client, &env)).await;

@@ -9,8 +9,24 @@ import type { ContainerAction } from "../bindings/ContainerAction";
 import type { ContainerDetail } from "../bindings/ContainerDetail";
 import type { LogLine } from "../bindings/LogLine";
 import type { UiError } from "../bindings/UiError";
+import type { ImageRow } from "../bindings/ImageRow";
+import type { Removed } from "../bindings/Removed";
+import type { HistoryRow } from "../bindings/HistoryRow";
+import type { PullProgress } from "../bindings/PullProgress";
+import type { RunSpec } from "../bindings/RunSpec";
+import type { VolumeRow } from "../bindings/VolumeRow";
+import type { VolumeListing } from "../bindings/VolumeListing";
+import type { Usage } from "../bindings/Usage";
+import type { StatsPoint } from "../bindings/StatsPoint";
+import type { EngineUsage } from "../bindings/EngineUsage";
+import type { Bundle } from "../bindings/Bundle";
+import type { ResetPreview } from "../bindings/ResetPreview";
 
-export type { Status, Config, ConfigChange, ContainerRow, ContainerAction, ContainerDetail, LogLine, UiError };
+export type {
+  Status, Config, ConfigChange, ContainerRow, ContainerAction, ContainerDetail, LogLine, UiError,
+  ImageRow, Removed, HistoryRow, PullProgress, RunSpec, VolumeRow, VolumeListing, Usage, StatsPoint,
+  EngineUsage, Bundle, ResetPreview,
+};
 
 /** Whatever a command threw, as a UiError (code + message). */
 export function asUiError(e: unknown): UiError {
@@ -52,7 +68,7 @@ export const api = {
     onLines: (lines: LogLine[]) => void,
     onEnd: (e: UiError | null) => void,
   ) => call<number>("logs_stream", { id, tail, follow, onLines: channel(onLines), onEnd: channel(onEnd) }),
-  logsStop: (stream: number) => call<void>("logs_stop", { stream }),
+  streamStop: (stream: number) => call<void>("stream_stop", { stream }),
   logsSave: (path: string, text: string) => call<void>("logs_save", { path, text }),
   terminalOpen: (
     id: string,
@@ -68,4 +84,25 @@ export const api = {
   configGet: () => call<Config>("config_get"),
   configSet: (key: string, value: string) => call<ConfigChange>("config_set", { key, value }),
   appQuit: (stopEngine: boolean) => call<void>("app_quit", { stopEngine }),
+  usageWatch: (onUsage: (u: Usage[]) => void) => call<void>("usage_watch", { onUsage: channel(onUsage) }),
+  statsStream: (id: string, onPoint: (p: StatsPoint) => void) =>
+    call<number>("stats_stream", { id, onPoint: channel(onPoint) }),
+  imagesList: () => call<ImageRow[]>("images_list"),
+  imageRemove: (reference: string, force: boolean) => call<Removed>("image_remove", { reference, force }),
+  imagesPrune: () => call<Removed>("images_prune"),
+  imageHistory: (reference: string) => call<HistoryRow[]>("image_history", { reference }),
+  imagePull: (reference: string, onProgress: (p: PullProgress) => void) =>
+    call<PullProgress>("image_pull", { reference, onProgress: channel(onProgress) }),
+  imageRun: (spec: RunSpec) => call<string>("image_run", { spec }),
+  volumesList: () => call<VolumeRow[]>("volumes_list"),
+  volumeCreate: (name: string) => call<VolumeRow>("volume_create", { name }),
+  volumeRemove: (name: string) => call<void>("volume_remove", { name }),
+  volumesPrune: () => call<Removed>("volumes_prune"),
+  volumeBrowse: (name: string, path: string) => call<VolumeListing>("volume_browse", { name, path }),
+  engineUsage: () => call<EngineUsage>("engine_usage"),
+  consoleLog: () => call<string>("console_log"),
+  diagnosticsSave: (path: string) => call<Bundle>("diagnostics_save", { path }),
+  resetPreview: () => call<ResetPreview>("reset_preview"),
+  engineReset: (wipeData: boolean, progress: (line: string) => void) =>
+    call<string[]>("engine_reset", { wipeData, progress: channel(progress) }),
 };

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { actionsFor, ago, bytes, duration, groupContainers } from "./format";
+import { actionsFor, ago, bytes, cpuText, duration, groupContainers, parseEnv, parsePorts, parseVolumes, shortId, sparkPoints } from "./format";
 import type { ContainerRow } from "../bindings/ContainerRow";
 
 const row = (name: string, project: string | null = null, image = "img"): ContainerRow => ({
@@ -51,5 +51,46 @@ describe("groupContainers", () => {
     expect(actionsFor("running")).toEqual({ start: false, stop: true, pause: true, unpause: false });
     expect(actionsFor("exited")).toEqual({ start: true, stop: false, pause: false, unpause: false });
     expect(actionsFor("paused")).toEqual({ start: false, stop: true, pause: false, unpause: true });
+  });
+});
+
+describe("usage and run-dialog helpers", () => {
+  it("formats CPU shares", () => {
+    expect(cpuText(null)).toBe("—");
+    expect(cpuText(3.14159)).toBe("3.1 %");
+    expect(cpuText(153.7)).toBe("154 %");
+  });
+  it("shortens image ids", () => {
+    expect(shortId("sha256:0123456789abcdef0123")).toBe("0123456789ab");
+  });
+  it("scales sparklines to the box", () => {
+    expect(sparkPoints([], 100, 10)).toBe("");
+    expect(sparkPoints([0, 5, 10], 100, 10)).toBe("0.0,10.0 50.0,5.0 100.0,0.0");
+    expect(sparkPoints([5], 100, 10, 10)).toBe("0.0,5.0");
+  });
+  it("parses ports, volumes and env or says what is wrong", () => {
+    expect(parsePorts("8080:80\n5353:53/udp")).toEqual([
+      { host: 8080, container: 80, proto: "tcp" },
+      { host: 5353, container: 53, proto: "udp" },
+    ]);
+    expect(() => parsePorts("80")).toThrow(/host:container/);
+    expect(() => parsePorts("70000:80")).toThrow(/1 to 65535/);
+    expect(parseVolumes("data:/var/lib/x\n/home/me:/src:ro")).toEqual([
+      { source: "data", target: "/var/lib/x", read_only: false },
+      { source: "/home/me", target: "/src", read_only: true },
+    ]);
+    expect(() => parseVolumes("data:rel")).toThrow(/source:/);
+    expect(parseEnv("A=1\nB=")).toEqual(["A=1", "B="]);
+    expect(() => parseEnv("NOPE")).toThrow(/KEY=value/);
+  });
+});
+
+describe("theme", () => {
+  it("follows the OS unless a theme was picked", async () => {
+    const { resolveTheme } = await import("./theme");
+    expect(resolveTheme("system", true)).toBe("dark");
+    expect(resolveTheme("system", false)).toBe("light");
+    expect(resolveTheme("light", true)).toBe("light");
+    expect(resolveTheme("dark", false)).toBe("dark");
   });
 });

@@ -76,3 +76,69 @@ export function actionsFor(state: string): { start: boolean; stop: boolean; paus
     unpause: state === "paused",
   };
 }
+
+/** "12.3 %" for a CPU share, "—" before it is known. */
+export function cpuText(percent: number | null | undefined): string {
+  if (percent == null || !Number.isFinite(percent)) return "—";
+  return `${percent < 10 ? percent.toFixed(1) : Math.round(percent)} %`;
+}
+
+/** "sha256:0123456789abcdef…" → "0123456789ab". */
+export function shortId(id: string): string {
+  return id.replace(/^sha256:/, "").slice(0, 12);
+}
+
+/**
+ * An SVG polyline's points for `values` in a `w`×`h` box, oldest at the
+ * left; `max` is the top (at least the largest value, never 0).
+ */
+export function sparkPoints(values: number[], w: number, h: number, max?: number): string {
+  if (values.length === 0) return "";
+  const top = Math.max(max ?? 0, ...values, 1e-9);
+  const step = values.length > 1 ? w / (values.length - 1) : 0;
+  return values
+    .map((v, i) => `${(i * step).toFixed(1)},${(h - (Math.max(0, v) / top) * h).toFixed(1)}`)
+    .join(" ");
+}
+
+/** Parses the run dialog's "8080:80", "5353:53/udp" lines. */
+export function parsePorts(text: string): { host: number; container: number; proto: string }[] {
+  const out: { host: number; container: number; proto: string }[] = [];
+  for (const raw of text.split(/[\n,]/)) {
+    const s = raw.trim();
+    if (!s) continue;
+    const m = /^(\d{1,5}):(\d{1,5})(?:\/(tcp|udp))?$/.exec(s);
+    if (!m) throw new Error(`"${s}" is not host:container (like 8080:80 or 5353:53/udp)`);
+    const [host, container] = [Number(m[1]), Number(m[2])];
+    if (host < 1 || host > 65535 || container < 1 || container > 65535) throw new Error(`"${s}": ports are 1 to 65535`);
+    out.push({ host, container, proto: m[3] ?? "tcp" });
+  }
+  return out;
+}
+
+/** Parses "source:/target[:ro]" lines (a host path or a volume name). */
+export function parseVolumes(text: string): { source: string; target: string; read_only: boolean }[] {
+  const out: { source: string; target: string; read_only: boolean }[] = [];
+  for (const raw of text.split("\n")) {
+    const s = raw.trim();
+    if (!s) continue;
+    const parts = s.split(":");
+    const ro = parts.length === 3 && parts[2] === "ro";
+    if (!(parts.length === 2 || ro) || !parts[0] || !parts[1].startsWith("/"))
+      throw new Error(`"${s}" is not source:/path/in/container[:ro]`);
+    out.push({ source: parts[0], target: parts[1], read_only: ro });
+  }
+  return out;
+}
+
+/** Parses KEY=value lines. */
+export function parseEnv(text: string): string[] {
+  const out: string[] = [];
+  for (const raw of text.split("\n")) {
+    const s = raw.trim();
+    if (!s) continue;
+    if (!/^[A-Za-z_][A-Za-z0-9_.-]*=/.test(s)) throw new Error(`"${s}" is not KEY=value`);
+    out.push(s);
+  }
+  return out;
+}

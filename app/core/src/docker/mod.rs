@@ -1,11 +1,15 @@
 //! The Docker API on the forwarded socket, as the desktop app uses it:
-//! containers, their events, logs, stats and terminals. Everything goes
+//! containers, their events, logs, stats and terminals, images and
+//! volumes. Everything goes
 //! through `bollard`; nothing runs the `docker` CLI.
 
 pub mod containers;
 pub mod events;
+pub mod images;
 pub mod logs;
+pub mod stats;
 pub mod terminal;
+pub mod volumes;
 
 use std::time::Duration;
 
