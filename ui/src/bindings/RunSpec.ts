@@ -13,4 +13,9 @@ name: string, ports: Array<RunPort>, volumes: Array<RunVolume>,
 /**
  * `KEY=value`.
  */
-env: Array<string>, };
+env: Array<string>, 
+/**
+ * Overrides the image's command; split at whitespace. Empty: the
+ * image's own.
+ */
+command: string, };

@@ -83,6 +83,10 @@ pub struct RunSpec {
     pub volumes: Vec<RunVolume>,
     /// `KEY=value`.
     pub env: Vec<String>,
+    /// Overrides the image's command; split at whitespace. Empty: the
+    /// image's own.
+    #[serde(default)]
+    pub command: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
@@ -406,8 +410,10 @@ pub async fn run(docker: &Docker, s: &RunSpec) -> Result<String, DockerError> {
             )
         })
         .collect();
+    let cmd: Vec<String> = s.command.split_whitespace().map(str::to_owned).collect();
     let body = ContainerCreateBody {
         image: Some(s.image.clone()),
+        cmd: Some(cmd).filter(|c| !c.is_empty()),
         env: Some(s.env.clone()).filter(|e| !e.is_empty()),
         exposed_ports: Some(exposed).filter(|e| !e.is_empty()),
         host_config: Some(HostConfig {
@@ -559,6 +565,7 @@ mod tests {
                 read_only: true,
             }],
             env: vec!["A=1".into(), "EMPTY=".into()],
+            command: "sleep 60".into(),
         };
         assert!(check_spec(&ok).is_ok());
         let bad = |f: &dyn Fn(&mut RunSpec)| {
