@@ -658,6 +658,12 @@ async fn charts_stats(c: &Client, env: &Env) {
     // A few samples for the lines.
     tokio::time::sleep(Duration::from_secs(3)).await;
     shot(c, env, "container-stats").await;
+    click(c, "[data-testid=tab-inspect]").await;
+    until("the inspect data", Duration::from_secs(20), || async {
+        text(c, ".inspect").await.contains("Environment")
+    })
+    .await;
+    shot(c, env, "container-inspect").await;
 }
 
 async fn pulls_and_removes_images(c: &Client, env: &Env) {
@@ -1313,6 +1319,27 @@ async fn dark_theme(c: &Client, env: &Env) {
     click(c, "[data-testid=tab-stats]").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     shot(c, env, "dark-container-stats").await;
+    click(c, "[data-testid=tab-inspect]").await;
+    until("the inspect data", Duration::from_secs(20), || async {
+        text(c, ".inspect").await.contains("Environment")
+    })
+    .await;
+    shot(c, env, "dark-container-inspect").await;
+    click(c, "[data-testid=tab-terminal]").await;
+    until("the shell", Duration::from_secs(30), || async {
+        count(c, ".xterm-helper-textarea").await == 1
+    })
+    .await;
+    let input = c
+        .find(Locator::Css(".xterm-helper-textarea"))
+        .await
+        .unwrap();
+    input.send_keys("ls /\u{E007}").await.unwrap();
+    until("the listing", Duration::from_secs(20), || async {
+        text(c, ".xterm-rows").await.contains("proc")
+    })
+    .await;
+    shot(c, env, "dark-container-terminal").await;
     click(c, "button[aria-label='Back to the list']").await;
     env.docker_ok(&["rm", "-f", CONTAINER]);
     env.docker_ok(&["volume", "rm", "desk-dark-vol"]);
