@@ -31,9 +31,23 @@ fn scratch() -> &'static Scratch {
         std::fs::write(share.join("file"), b"data").unwrap();
         let _ = std::os::unix::fs::symlink(root.join("outside"), share.join("abs"));
         let _ = std::os::unix::fs::symlink("../outside/secret", share.join("rel"));
-        let fs = ShareFs::new(&share, ShareOptions { read_only: false, max_inodes: 64, max_handles: 64 }).unwrap();
-        let engine = FsEngine::new(Arc::new(Server::new(Arc::new(fs))), Arc::new(FsCounters::default()));
-        Scratch { root, engine: std::sync::Mutex::new(engine) }
+        let fs = ShareFs::new(
+            &share,
+            ShareOptions {
+                read_only: false,
+                max_inodes: 64,
+                max_handles: 64,
+            },
+        )
+        .unwrap();
+        let engine = FsEngine::new(
+            Arc::new(Server::new(Arc::new(fs))),
+            Arc::new(FsCounters::default()),
+        );
+        Scratch {
+            root,
+            engine: std::sync::Mutex::new(engine),
+        }
     })
 }
 
@@ -49,5 +63,8 @@ fuzz_target!(|data: &[u8]| {
     // Nothing outside the share was touched.
     let outside: Vec<_> = std::fs::read_dir(s.root.join("outside")).unwrap().collect();
     assert_eq!(outside.len(), 1, "a file appeared outside the share");
-    assert_eq!(std::fs::read(s.root.join("outside/secret")).unwrap(), b"secret");
+    assert_eq!(
+        std::fs::read(s.root.join("outside/secret")).unwrap(),
+        b"secret"
+    );
 });

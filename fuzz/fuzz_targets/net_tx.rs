@@ -16,7 +16,10 @@ struct Sink {
 
 impl NetBackend for Sink {
     fn send(&mut self, frame: &[u8]) -> Sent {
-        assert!(frame.len() >= 14, "a frame shorter than an Ethernet header got through");
+        assert!(
+            frame.len() >= 14,
+            "a frame shorter than an Ethernet header got through"
+        );
         self.taken += 1;
         if self.full_every > 0 && self.taken % self.full_every == 0 {
             Sent::Full
@@ -43,7 +46,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let full_every = data.last().map_or(0, |b| (*b % 4) as usize);
-    let mut net = Net::new(Sink { taken: 0, full_every }, [2, 0, 0, 0, 0, 1], 1500);
+    let mut net = Net::new(
+        Sink {
+            taken: 0,
+            full_every,
+        },
+        [2, 0, 0, 0, 0, 1],
+        1500,
+    );
     net.ack_features(net.features());
     // Twice: once more after a full backend left chains waiting.
     net.process_tx(&mut q, &mem);

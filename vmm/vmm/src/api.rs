@@ -7,6 +7,8 @@
 //! | `GET /status` | state, vCPUs, memory, uptime |
 //! | `PUT /shutdown` | ctrl-alt-del to the guest; forced after the shutdown timeout |
 //! | `GET /metrics` | per-device counters |
+//! | `PUT /pause` | stops every vCPU (devices keep their state) |
+//! | `PUT /resume` | runs them again; `/status` counts resumes |
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,8 @@ pub enum Action {
     Status,
     Shutdown,
     Metrics,
+    Pause,
+    Resume,
 }
 
 /// Maps a request line onto an action.
@@ -34,7 +38,11 @@ pub fn route(method: &Method, path: &str) -> Result<Action, StatusCode> {
         (&Method::GET, "/status") => Ok(Action::Status),
         (&Method::PUT, "/shutdown") => Ok(Action::Shutdown),
         (&Method::GET, "/metrics") => Ok(Action::Metrics),
-        (_, "/status" | "/shutdown" | "/metrics") => Err(StatusCode::METHOD_NOT_ALLOWED),
+        (&Method::PUT, "/pause") => Ok(Action::Pause),
+        (&Method::PUT, "/resume") => Ok(Action::Resume),
+        (_, "/status" | "/shutdown" | "/metrics" | "/pause" | "/resume") => {
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        }
         _ => Err(StatusCode::NOT_FOUND),
     }
 }
@@ -48,6 +56,12 @@ pub struct ApiState {
     pub memory_mib: u64,
     /// Set when a shutdown is requested; the main loop enforces it.
     pub shutdown_requested: Arc<Mutex<Option<Instant>>>,
+    /// Pause (true) and resume (false) requests for the main loop.
+    pub pause: std::sync::mpsc::Sender<bool>,
+    /// Whether the vCPUs are paused, and how often they were resumed
+    /// (the host agent checks the guest clock when this grows).
+    pub paused: Arc<std::sync::atomic::AtomicBool>,
+    pub resumes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -76,6 +90,8 @@ pub fn perform(action: Action, s: &ApiState) -> Response<Full<Bytes>> {
                     "memory_mib": s.memory_mib,
                     "uptime_s": s.started.elapsed().as_secs(),
                     "pid": std::process::id(),
+                    "paused": s.paused.load(std::sync::atomic::Ordering::SeqCst),
+                    "resumes": s.resumes.load(std::sync::atomic::Ordering::SeqCst),
                 }),
             )
         }
@@ -94,6 +110,16 @@ pub fn perform(action: Action, s: &ApiState) -> Response<Full<Bytes>> {
             )
         }
         Action::Metrics => json(StatusCode::OK, s.devices.metrics()),
+        Action::Pause | Action::Resume => {
+            let pause = action == Action::Pause;
+            match s.pause.send(pause) {
+                Ok(()) => json(StatusCode::ACCEPTED, serde_json::json!({ "paused": pause })),
+                Err(_) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({ "error": "the VM is ending" }),
+                ),
+            }
+        }
     }
 }
 
@@ -153,6 +179,12 @@ mod tests {
         assert_eq!(route(&Method::GET, "/status"), Ok(Action::Status));
         assert_eq!(route(&Method::PUT, "/shutdown"), Ok(Action::Shutdown));
         assert_eq!(route(&Method::GET, "/metrics"), Ok(Action::Metrics));
+        assert_eq!(route(&Method::PUT, "/pause"), Ok(Action::Pause));
+        assert_eq!(route(&Method::PUT, "/resume"), Ok(Action::Resume));
+        assert_eq!(
+            route(&Method::GET, "/pause"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        );
         assert_eq!(
             route(&Method::GET, "/shutdown"),
             Err(StatusCode::METHOD_NOT_ALLOWED)

@@ -266,6 +266,9 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     let shutdown_requested = Arc::new(Mutex::new(None::<Instant>));
+    let (pause_tx, pause_rx) = std::sync::mpsc::channel::<bool>();
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let resumes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(path) = &cfg.api_socket {
         let state = api::ApiState {
             devices: running.devices.clone(),
@@ -273,6 +276,9 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
             cpus: cfg.cpus,
             memory_mib: cfg.memory_mib,
             shutdown_requested: shutdown_requested.clone(),
+            pause: pause_tx.clone(),
+            paused: paused.clone(),
+            resumes: resumes.clone(),
         };
         if let Err(e) = api::serve(running.events(), path, state) {
             running.stop();
@@ -290,6 +296,17 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
                 break ExitReason::Error("all vCPUs ended".into())
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        while let Ok(pause) = pause_rx.try_recv() {
+            let was = paused.swap(pause, Ordering::SeqCst);
+            if pause && !was {
+                tracing::info!("vCPUs paused through the API");
+                running.command(berth_vmm::vcpu::Command::Pause);
+            } else if !pause && was {
+                tracing::info!("vCPUs resumed through the API");
+                running.command(berth_vmm::vcpu::Command::Resume);
+                resumes.fetch_add(1, Ordering::SeqCst);
+            }
         }
         let mut requested = shutdown_requested.lock().unwrap_or_else(|e| e.into_inner());
         if TERMINATE.swap(false, Ordering::SeqCst) && requested.is_none() {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use berth_devices::legacy::i8042::{I8042Host, I8042};
 use berth_devices::legacy::serial::{ConsoleOut, IrqTrigger, SerialConsole};
+use berth_devices::virtio::balloon::{release::HostRelease, Balloon};
 use berth_devices::virtio::blk::Block;
 use berth_devices::virtio::device::{InterruptLine, VirtioDevice};
 use berth_devices::virtio::fs::watch::HostWatcher;
@@ -326,6 +327,8 @@ where
         virtio.push(Box::new(Block::open(d, false)?));
     }
     virtio.push(Box::new(Rng::default()));
+    // Free page reporting: memory the guest frees goes back to the host.
+    virtio.push(Box::new(Balloon::new(Box::new(HostRelease))));
     let vsock = match &cfg.vsock_uds {
         Some(uds) => Some(VsockDevice::new(cfg.guest_cid, uds, cfg.vsock_max_conns)?),
         None => None,

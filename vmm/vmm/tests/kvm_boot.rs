@@ -250,6 +250,12 @@ fn boot_to_init(format: Format) {
     // queues read from our config space).
     let fs = device(26);
     assert_eq!(fs["driver_ok"], 1, "{fs}");
+    // And its virtio_balloon driver took our balloon, with free page
+    // reporting.
+    let balloon = device(5);
+    assert_eq!(balloon["driver_ok"], 1, "{balloon}");
+    assert_eq!(balloon["reporting"], 1, "{balloon}");
+    assert_eq!(balloon["refused"], 0, "{balloon}");
 
     let status = if real_kvm {
         // User space runs: ask for an orderly shutdown.

@@ -1,5 +1,6 @@
 //! virtio devices and the virtio-mmio transport.
 
+pub mod balloon;
 pub mod blk;
 pub mod device;
 pub mod fs;
