@@ -14,6 +14,10 @@ export BERTH_IMAGE_DIR=$(guest-image/build.sh)
 cargo build --release --quiet -p berth-vmm
 cargo bench -p berth-core --bench docker_socket
 cargo bench -p berth-core --bench network
+# Idle host CPU per process beside the same guest under plain QEMU.
+cargo bench -p berth-core --bench idle
+# Memory, disk and clock given back, each beside its reference.
+cargo bench -p berth-core --bench hygiene
 # Shared folders: the FUSE server in process beside direct syscalls.
 cargo bench -p berth-devices --features test-utils --bench fs
 # Shared folders end to end: an npm node_modules tree made by npm on the

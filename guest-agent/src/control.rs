@@ -5,10 +5,9 @@ use std::sync::Arc;
 use berth_proto::{
     read_frame, write_frame, AgentInfo, ErrorCode, FrameError, Request, Response, PROTOCOL_VERSION,
 };
-use nix::sys::time::TimeSpec;
-use nix::time::{clock_settime, ClockId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::clock;
 use crate::exec;
 use crate::reaper::Reaper;
 use crate::state::{Shared, ShutdownCause};
@@ -99,6 +98,13 @@ where
     }
 }
 
+fn failed(message: String) -> Response {
+    Response::Error {
+        code: ErrorCode::Failed,
+        message,
+    }
+}
+
 /// Carries out one request.
 pub fn handle(req: Request, shared: &Shared, reaper: &Reaper, kernel_release: &str) -> Handled {
     let reply = match req {
@@ -120,19 +126,18 @@ pub fn handle(req: Request, shared: &Shared, reaper: &Reaper, kernel_release: &s
         }
         Request::Ping { nonce } => Response::Pong { nonce },
         Request::GetState => Response::State(shared.snapshot()),
-        Request::SetClock { unix_nanos } => {
-            let ts = TimeSpec::new(
-                (unix_nanos / 1_000_000_000) as i64,
-                (unix_nanos % 1_000_000_000) as i64,
-            );
-            match clock_settime(ClockId::CLOCK_REALTIME, ts) {
-                Ok(()) => Response::Ok,
-                Err(e) => Response::Error {
-                    code: ErrorCode::Failed,
-                    message: format!("setting the clock failed: {e}"),
-                },
-            }
-        }
+        Request::SetClock { unix_nanos } => match clock::set(unix_nanos) {
+            Ok(()) => Response::Ok,
+            Err(e) => failed(format!("setting the clock failed: {e}")),
+        },
+        Request::GetClock => match clock::now_nanos() {
+            Ok(unix_nanos) => Response::Clock { unix_nanos },
+            Err(e) => failed(format!("reading the clock failed: {e}")),
+        },
+        Request::AdjustClock { offset_nanos, step } => match clock::adjust(offset_nanos, step) {
+            Ok(()) => Response::Ok,
+            Err(e) => failed(e),
+        },
         Request::Shutdown => {
             shared.request_shutdown(ShutdownCause::Request);
             Response::Ok

@@ -7,6 +7,7 @@
 
 mod bench;
 mod bindcheck;
+mod clock;
 mod cmdline;
 mod console;
 mod control;
@@ -201,6 +202,10 @@ async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
         "docker-ready",
         &[("since_daemons_ms", &(now - agent_start).to_string())],
     );
+    if shared.snapshot().data_disk == DataDiskState::Mounted {
+        let reaper = reaper.clone();
+        tokio::spawn(async move { datadisk::trim_once(&reaper).await });
+    }
     let table = shared.ports.clone();
     fatal::spawn_essential("ports", move || ports::follow(table.clone()));
 

@@ -40,6 +40,15 @@ impl PortsWatch {
     }
 }
 
+/// One reading of the guest's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockSample {
+    /// Guest minus host, in nanoseconds (positive: the guest is ahead).
+    pub offset: i64,
+    /// The round trip the reading took; the offset is good to half of it.
+    pub rtt: std::time::Duration,
+}
+
 /// An open control connection.
 #[derive(Debug)]
 pub struct GuestClient {
@@ -92,6 +101,32 @@ impl GuestClient {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         self.expect_ok(&Request::SetClock { unix_nanos }).await
+    }
+
+    /// Reads the guest's clock once, timing the round trip.
+    pub async fn clock_sample(&mut self) -> Result<ClockSample, GuestError> {
+        let wall = std::time::SystemTime::now();
+        let t0 = std::time::Instant::now();
+        let reply = self.call(&Request::GetClock).await?;
+        let rtt = t0.elapsed();
+        let Response::Clock { unix_nanos } = reply else {
+            return Err(GuestError::Unexpected(Box::new(reply)));
+        };
+        // Our clock half-way through the trip, against the guest's reading.
+        let host = (wall + rtt / 2)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let offset = (i128::from(unix_nanos) - host).clamp(i64::MIN as i128, i64::MAX as i128);
+        Ok(ClockSample {
+            offset: offset as i64,
+            rtt,
+        })
+    }
+
+    /// Moves the guest clock by `offset_nanos`: stepped, or slewed.
+    pub async fn adjust_clock(&mut self, offset_nanos: i64, step: bool) -> Result<(), GuestError> {
+        self.expect_ok(&Request::AdjustClock { offset_nanos, step })
+            .await
     }
 
     /// Asks for the orderly shutdown (containers stopped, disks flushed,

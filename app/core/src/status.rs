@@ -71,6 +71,28 @@ pub struct Status {
     /// Host folders shared into the running VM (virtio-fs).
     #[serde(default)]
     pub shares: Vec<ShareStatus>,
+    /// The guest clock's last check and correction, while the VM runs.
+    #[serde(default)]
+    pub clock: Option<crate::hostagent::clock::ClockStatus>,
+    /// What the VM takes from the host: memory, disk.
+    #[serde(default)]
+    pub resources: Option<Resources>,
+}
+
+/// What the VM takes from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ts_rs::TS)]
+pub struct Resources {
+    /// Resident memory of the VM process on the host (QEMU or berth-vmm),
+    /// while it runs.
+    pub vm_rss_bytes: Option<u64>,
+    /// Memory the guest reported free and the VM gave back, since it
+    /// started: counted by berth-vmm's balloon. QEMU keeps no such count
+    /// (`null`); its effect shows in `vm_rss_bytes`.
+    pub balloon_reported_bytes: Option<u64>,
+    /// The data disk file: bytes the host has allocated for it (what `du`
+    /// shows) and its apparent size (what `ls` shows).
+    pub data_disk_allocated_bytes: Option<u64>,
+    pub data_disk_apparent_bytes: Option<u64>,
 }
 
 /// One shared folder as `berth status` shows it.
@@ -146,6 +168,43 @@ impl StopReport {
     }
 }
 
+impl Resources {
+    /// Reads the figures now: the VM process `vm_pid`'s resident memory,
+    /// the data disk's sizes, and the balloon's count if there is one.
+    pub fn measure(state: &StateDir, vm_pid: Option<u32>, balloon: Option<u64>) -> Resources {
+        use std::os::unix::fs::MetadataExt;
+        let disk = std::fs::metadata(state.data_disk()).ok();
+        Resources {
+            vm_rss_bytes: vm_pid.and_then(rss_bytes),
+            balloon_reported_bytes: balloon,
+            data_disk_allocated_bytes: disk.as_ref().map(|m| m.blocks() * 512),
+            data_disk_apparent_bytes: disk.as_ref().map(|m| m.len()),
+        }
+    }
+}
+
+/// Resident memory of process `pid`, where the platform says.
+#[cfg(target_os = "linux")]
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// macOS (`proc_pid_rusage`'s footprint) and Windows (the working set)
+/// are not read yet.
+#[cfg(not(target_os = "linux"))]
+pub fn rss_bytes(_pid: u32) -> Option<u64> {
+    None
+}
+
 impl Status {
     /// A stopped VM with these settings: the base every status starts from.
     pub fn stopped(state: &StateDir, cfg: &Config) -> Status {
@@ -171,6 +230,8 @@ impl Status {
             network: None,
             forwards: Vec::new(),
             shares: Vec::new(),
+            clock: None,
+            resources: Some(Resources::measure(state, None, None)),
         }
     }
 }

@@ -1223,6 +1223,46 @@ async fn troubleshoot(c: &Client, env: &Env) {
             && text(c, "[data-testid=engine-disk]").await.contains("used")
     })
     .await;
+    // The VM's footprint on the host and the guest clock, as `berth
+    // status` reports them.
+    until(
+        "host memory, disk and clock",
+        Duration::from_secs(90),
+        || async {
+            text(c, "[data-testid=engine-host-memory]")
+                .await
+                .contains("resident")
+                && text(c, "[data-testid=engine-host-disk]")
+                    .await
+                    .contains("allocated")
+                && text(c, "[data-testid=engine-clock]")
+                    .await
+                    .contains("ms from the host")
+        },
+    )
+    .await;
+    let st: serde_json::Value = serde_json::from_str(&env.berth_ok(&["status", "--json"])).unwrap();
+    let r = &st["resources"];
+    assert!(
+        r["vm_rss_bytes"].as_u64().unwrap_or(0) > 16 << 20,
+        "berth status has the VM's resident memory: {r}"
+    );
+    assert!(
+        r["data_disk_apparent_bytes"].as_u64().unwrap_or(0) > 0
+            && r["data_disk_allocated_bytes"].as_u64().is_some(),
+        "{r}"
+    );
+    assert!(
+        st["clock"]["offset_ms"].as_f64().is_some(),
+        "{}",
+        st["clock"]
+    );
+    let shown = text(c, "[data-testid=engine-host-disk]").await;
+    let apparent_gib = r["data_disk_apparent_bytes"].as_u64().unwrap() as f64 / (1u64 << 30) as f64;
+    assert!(
+        shown.contains(&format!("{apparent_gib:.1} GiB")) || shown.contains(&format!("{apparent_gib:.0} GiB")),
+        "the engine view shows the same apparent size as berth status ({apparent_gib:.1} GiB): {shown}"
+    );
     shot(c, env, "engine-running").await;
     click(c, "[data-testid=nav-troubleshoot]").await;
     until("the console log", Duration::from_secs(20), || async {

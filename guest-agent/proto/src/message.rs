@@ -22,6 +22,16 @@ pub enum Request {
         /// Nanoseconds since the Unix epoch, UTC.
         unix_nanos: u64,
     },
+    /// Reads the guest's wall clock: answered with [`Response::Clock`].
+    /// The host times the round trip to estimate the offset. Added in
+    /// protocol 1 as an optional request.
+    GetClock,
+    /// Corrects the guest's wall clock by `offset_nanos` (positive: the
+    /// guest is behind). With `step` the clock jumps at once; without it
+    /// the kernel slews it (about 0.5 ms per second), so time never runs
+    /// backwards for small corrections. Answered with [`Response::Ok`].
+    /// Added in protocol 1 as an optional request.
+    AdjustClock { offset_nanos: i64, step: bool },
     /// Orderly shutdown: containers stopped, disks flushed, power off.
     /// Answered with [`Response::Ok`] before the shutdown starts.
     Shutdown,
@@ -76,6 +86,11 @@ pub enum Response {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// The guest's wall clock (see [`Request::GetClock`]).
+    Clock {
+        /// Nanoseconds since the Unix epoch, UTC.
+        unix_nanos: u64,
     },
     /// Every port the running containers publish (see
     /// [`Request::WatchPorts`]).
@@ -180,6 +195,18 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Request::GetState).unwrap(),
             r#"{"type":"get_state"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::AdjustClock {
+                offset_nanos: -5,
+                step: false
+            })
+            .unwrap(),
+            r#"{"type":"adjust_clock","offset_nanos":-5,"step":false}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Clock { unix_nanos: 7 }).unwrap(),
+            r#"{"type":"clock","unix_nanos":7}"#
         );
         assert_eq!(
             serde_json::to_string(&Response::Error {

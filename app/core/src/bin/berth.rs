@@ -347,6 +347,14 @@ async fn status(state: &StateDir, json: bool) -> ExitCode {
         s.memory_mib,
         s.disk_gib
     );
+    if let Some(r) = &s.resources {
+        for line in resource_lines(r) {
+            outln!("{line}");
+        }
+    }
+    if let Some(c) = &s.clock {
+        outln!("{}", clock_line(c));
+    }
     if s.state == VmState::Running {
         outln!(
             "docker:         {} at {}",
@@ -532,4 +540,53 @@ async fn config(state: &StateDir, action: ConfigCmd) -> ExitCode {
     }
     let _ = std::io::stdin().is_terminal();
     ExitCode::SUCCESS
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// The VM's host memory and disk, one line each.
+fn resource_lines(r: &berth_core::status::Resources) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(rss) = r.vm_rss_bytes {
+        v.push(format!(
+            "host memory:    {} resident (VM process){}",
+            mib(rss),
+            match r.balloon_reported_bytes {
+                Some(b) => format!("; {} given back by the balloon", mib(b)),
+                None => "; free guest memory is given back (QEMU does not count it)".into(),
+            }
+        ));
+    }
+    if let (Some(a), Some(l)) = (r.data_disk_allocated_bytes, r.data_disk_apparent_bytes) {
+        v.push(format!(
+            "data disk:      {} allocated on the host (du), {:.1} GiB apparent (ls)",
+            mib(a),
+            l as f64 / (1u64 << 30) as f64
+        ));
+    }
+    v
+}
+
+/// The guest clock's last check and correction.
+fn clock_line(c: &berth_core::hostagent::clock::ClockStatus) -> String {
+    let mut line = format!(
+        "guest clock:    {:+.1} ms from the host's at the last check (±{:.1} ms)",
+        c.offset_ms,
+        c.rtt_ms / 2.0
+    );
+    if let Some(k) = &c.last_correction {
+        line.push_str(&format!(
+            "; last {} by {:.1} ms ({}, {} s ago)",
+            if k.step { "stepped" } else { "slewed" },
+            -k.offset_ms,
+            k.reason,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .saturating_sub(k.at_unix)
+        ));
+    }
+    line
 }

@@ -8,6 +8,7 @@
 //! and exits.
 
 mod api;
+pub mod clock;
 mod events;
 pub mod forward;
 pub mod logs;
@@ -61,6 +62,9 @@ pub struct Shared {
     started: Mutex<Option<Instant>>,
     command: Mutex<Option<Command>>,
     notify: Notify,
+    state: StateDir,
+    /// berth-vmm's balloon count, read from its metrics.
+    balloon_reported: Mutex<Option<u64>>,
 }
 
 impl Shared {
@@ -91,6 +95,15 @@ impl Shared {
         {
             s.forwards = f.status();
         }
+        let balloon = *self
+            .balloon_reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        s.resources = Some(crate::status::Resources::measure(
+            &self.state,
+            s.pid.filter(|_| s.state != VmState::Stopped),
+            balloon,
+        ));
         s
     }
 
@@ -226,6 +239,8 @@ pub async fn run(state: StateDir, image_dir: PathBuf, mut lock: Flock<File>) -> 
         forwards: Mutex::new(None),
         command: Mutex::new(None),
         notify: Notify::new(),
+        state: state.clone(),
+        balloon_reported: Mutex::new(None),
     });
 
     end_orphans(&state);
@@ -428,16 +443,20 @@ async fn lifecycle(
         }
     }
     // A full host disk makes the guest's writes wait (see qmp.rs): say so.
+    // QEMU's RESUME events also tell the clock keeper the VM was paused.
+    let guest_clock = Arc::new(clock::Clock::default());
     let _disk_watch = AbortOnDrop(match driver {
         Driver::Qemu(_) => tokio::spawn(qmp::watch(
             state.qmp_sock(),
             state.data_disk(),
             shared.clone(),
+            guest_clock.clone(),
         )),
         Driver::Vmm => tokio::spawn(qmp::watch_vmm(
             state.vmm_sock(),
             state.data_disk(),
             shared.clone(),
+            guest_clock.clone(),
         )),
     });
 
@@ -446,8 +465,14 @@ async fn lifecycle(
         st = machine.wait() => Ok(Some(st)),
         c = shared.next_command() => Err(anyhow::anyhow!("start cancelled ({c:?})")),
     };
+    let mut _clock_keeper = None;
     let forwarder = match outcome {
         Ok(None) => {
+            _clock_keeper = Some(AbortOnDrop(tokio::spawn(clock::keep(
+                state.vsock_sock(),
+                shared.clone(),
+                guest_clock.clone(),
+            ))));
             if fresh_disk {
                 // Formatted now: from here on a blank disk is a damaged one.
                 let _ = std::fs::remove_file(state.data_disk_fresh());
@@ -527,6 +552,7 @@ async fn lifecycle(
     shared.update(|s| {
         s.network = None;
         s.shares.clear();
+        s.clock = None;
     });
     machine.stop_helpers().await;
     Ok(report)

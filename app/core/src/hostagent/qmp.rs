@@ -7,6 +7,7 @@
 //! QEMU's default `werror=enospc` pauses the VM instead; this watcher
 //! follows QEMU's QMP events, reports the pause in `berth status`, and
 //! resumes the VM (`cont`) once the disk holding `data.img` has room.
+//! A `RESUME` event, whoever paused the VM, has the guest clock checked.
 //! Under berth-vmm, [`watch_vmm`] reads the same condition from its
 //! `/metrics` (a virtio-blk device `stalled`) and reports it the same way.
 
@@ -36,7 +37,12 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 /// Follows QEMU's QMP socket until QEMU goes away.
-pub async fn watch(qmp: PathBuf, data_disk: PathBuf, shared: Arc<Shared>) {
+pub async fn watch(
+    qmp: PathBuf,
+    data_disk: PathBuf,
+    shared: Arc<Shared>,
+    clock: Arc<super::clock::Clock>,
+) {
     let mut stream = None;
     for _ in 0..100 {
         if let Ok(s) = UnixStream::connect(&qmp).await {
@@ -87,10 +93,14 @@ pub async fn watch(qmp: PathBuf, data_disk: PathBuf, shared: Arc<Shared>) {
                         }
                         waiting_for_space = true;
                     }
-                    Some("RESUME") if waiting_for_space => {
-                        tracing::info!("the VM resumed: the host disk has room again");
-                        waiting_for_space = false;
-                        shared.update(|s| s.warning = None);
+                    Some("RESUME") => {
+                        // Whoever paused it, the guest clock stood still.
+                        clock.kick();
+                        if waiting_for_space {
+                            tracing::info!("the VM resumed: the host disk has room again");
+                            waiting_for_space = false;
+                            shared.update(|s| s.warning = None);
+                        }
                     }
                     _ => {}
                 }
@@ -140,16 +150,45 @@ pub fn vmm_disk_stalled(metrics: &serde_json::Value) -> bool {
         .is_some_and(|devs| devs.iter().any(|d| d["stalled"].as_u64() == Some(1)))
 }
 
+/// The bytes berth-vmm's balloon (virtio device 5) gave back.
+pub fn vmm_balloon_reported(metrics: &serde_json::Value) -> Option<u64> {
+    metrics["virtio"]
+        .as_array()?
+        .iter()
+        .find(|d| d["device_type"].as_u64() == Some(5))?["reported_bytes"]
+        .as_u64()
+}
+
 /// Follows berth-vmm's metrics until the task is dropped.
-pub async fn watch_vmm(api: PathBuf, data_disk: PathBuf, shared: Arc<Shared>) {
+pub async fn watch_vmm(
+    api: PathBuf,
+    data_disk: PathBuf,
+    shared: Arc<Shared>,
+    clock: Arc<super::clock::Clock>,
+) {
     let mut warned = false;
+    let mut resumes = 0;
     loop {
         tokio::time::sleep(VMM_CHECK_EVERY).await;
+        // vCPUs resumed through berth-vmm's API: have the clock checked.
+        if let Ok((_, st)) =
+            crate::http::request_json(&api, hyper::Method::GET, "/status", None).await
+        {
+            let n = st["resumes"].as_u64().unwrap_or(0);
+            if n > resumes {
+                clock.kick();
+            }
+            resumes = n;
+        }
         let Ok((_, m)) =
             crate::http::request_json(&api, hyper::Method::GET, "/metrics", None).await
         else {
             continue;
         };
+        *shared
+            .balloon_reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = vmm_balloon_reported(&m);
         let stalled = vmm_disk_stalled(&m);
         if stalled && !warned {
             let free = free_bytes(&data_disk).unwrap_or(0);
@@ -180,5 +219,11 @@ mod tests {
         let m = serde_json::json!({"virtio": [{"slot": 0, "stalled": 0}, {"slot": 2, "reads": 4}]});
         assert!(!vmm_disk_stalled(&m));
         assert!(!vmm_disk_stalled(&serde_json::json!({})));
+        let m = serde_json::json!({"virtio": [{"device_type": 4}, {"device_type": 5, "reported_bytes": 4096}]});
+        assert_eq!(vmm_balloon_reported(&m), Some(4096));
+        assert_eq!(
+            vmm_balloon_reported(&serde_json::json!({"virtio": [{"device_type": 2}]})),
+            None
+        );
     }
 }

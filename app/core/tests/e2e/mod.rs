@@ -6,6 +6,7 @@ mod compose;
 mod containers;
 mod faults;
 mod hostnet;
+mod hygiene;
 mod network;
 mod persistence;
 mod ports;
@@ -133,6 +134,7 @@ fn cases() -> Vec<Case> {
     v.extend(network::CASES);
     v.extend(ports::CASES);
     v.extend(shares::CASES);
+    v.extend(hygiene::CASES);
     v.extend(persistence::CASES);
     v.extend(faults::CASES);
     v
@@ -183,6 +185,8 @@ pub fn main() -> ExitCode {
     // Shared folders: the defaults (home, temp dir) and a read-only one.
     let shares = shares::setting(&ctx.work);
     ctx.berth_ok(&["config", "set", "shares", &shares]);
+    // Room for a container that touches 2 GiB (hygiene_memory_given_back).
+    ctx.berth_ok(&["config", "set", "memory_mib", "3072"]);
     println!("setup: shared folders {shares}");
     println!(
         "setup: test resolver on {dns} ({} and below)",
@@ -212,6 +216,8 @@ pub fn main() -> ExitCode {
         (o, ())
     };
     println!("setup: imported {BB} ({})", base.trim());
+    // The guest clock's offset, read every 30 s until the hygiene cases.
+    hygiene::start_watch(&ctx);
 
     let mut failed = Vec::new();
     for (name, f) in &selected {
