@@ -7,9 +7,10 @@
 //!    measured window: the host agent, the VM process, its helpers
 //!    (vhost-user backends) and passt.
 //! 2. Reference: the same kernel, root image and a fresh data disk under
-//!    `qemu-system-x86_64` with the qemu driver's machine options, no
-//!    vsock, network, shared folders or host agent; the guest agent still
-//!    starts dockerd (it logs `docker-ready` on the console).
+//!    `qemu-system-x86_64` with the qemu driver's machine and kernel
+//!    options, no vsock, network, balloon, shared folders or host agent;
+//!    the guest agent still starts dockerd (it logs `docker-ready` on the
+//!    console).
 //!
 //! Figures are CPU seconds per idle minute. BERTH_BENCH_IDLE_S sets the
 //! window (default 60) and BERTH_BENCH_SETTLE_S the settling time before
@@ -91,7 +92,14 @@ fn plain_qemu(work: &Path, kvm: bool, cpus: u8, memory_mib: u64) -> Child {
     let accel = if kvm {
         ["-accel", "kvm", "-cpu", "host"]
     } else {
-        ["-accel", "tcg,thread=single", "-cpu", "max"]
+        ["-accel", "tcg,thread=single,tb-size=256", "-cpu", "max"]
+    };
+    // The kernel options the qemu driver adds under TCG (the TSC trusted,
+    // RDRAND seeding the random generator, hence no virtio-rng either).
+    let extra = if kvm {
+        ""
+    } else {
+        " tsc=reliable random.trust_cpu=on"
     };
     let mem = format!("{memory_mib}M");
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -105,19 +113,17 @@ fn plain_qemu(work: &Path, kvm: bool, cpus: u8, memory_mib: u64) -> Child {
         "-no-reboot",
         "-device",
         "i8042",
-        "-device",
-        "virtio-rng-device",
         "-global",
         "virtio-mmio.force-legacy=false",
     ])
-    .args(&accel)
+    .args(accel)
     .args(["-smp", &cpus.to_string(), "-m", &mem])
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
     .arg("-kernel")
     .arg(&img.kernel)
     .arg("-append")
-    .arg(format!("{} berth.data_fresh=1", img.cmdline))
+    .arg(format!("{}{extra} berth.data_fresh=1", img.cmdline))
     .arg("-drive")
     .arg(format!(
         "id=d0,file={},format=raw,if=none,readonly=on",
@@ -159,6 +165,11 @@ fn main() {
     let b = common::ScratchVm::new("bench-idle");
     let _dead = b.no_outside_dns();
     b.berth(&["start"]);
+    assert_eq!(
+        b.docker(&["ps", "-aq"]).trim(),
+        "",
+        "idle means no containers"
+    );
     let status: serde_json::Value = serde_json::from_str(&b.berth(&["status", "--json"])).unwrap();
     let driver = status["driver"].as_str().unwrap_or("?").to_owned();
     let cpus = status["cpus"].as_u64().unwrap_or(2) as u8;

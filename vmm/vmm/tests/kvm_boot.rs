@@ -216,6 +216,29 @@ fn boot_to_init(format: Format) {
             let (code, metrics) = api(&api_sock, "GET", "/metrics");
             assert_eq!(code, 200);
             idle = Some((rss, metrics));
+            // vCPUs paused and resumed through the API (what the host
+            // agent's clock keeper is told about): the console stays
+            // still while paused and the boot goes on after.
+            assert_eq!(api(&api_sock, "PUT", "/pause").0, 202);
+            std::thread::sleep(Duration::from_millis(300));
+            let st: serde_json::Value =
+                serde_json::from_str(&api(&api_sock, "GET", "/status").1).unwrap();
+            assert_eq!(st["paused"], true, "{st}");
+            let out = |m: &str| {
+                serde_json::from_str::<serde_json::Value>(m).unwrap()["serial"]["bytes_out"]
+                    .as_u64()
+                    .unwrap()
+            };
+            let a = out(&api(&api_sock, "GET", "/metrics").1);
+            std::thread::sleep(Duration::from_millis(1500));
+            let b = out(&api(&api_sock, "GET", "/metrics").1);
+            assert_eq!(a, b, "the guest wrote to its console while paused");
+            assert_eq!(api(&api_sock, "PUT", "/resume").0, 202);
+            std::thread::sleep(Duration::from_millis(300));
+            let st: serde_json::Value =
+                serde_json::from_str(&api(&api_sock, "GET", "/status").1).unwrap();
+            assert_eq!(st["paused"], false, "{st}");
+            assert_eq!(st["resumes"], 1, "{st}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -7,8 +7,9 @@
 //! large, a slew when it is small, nothing when it is within
 //! [`TOLERANCE`]. Checks run when the VM resumes (a QMP `RESUME` event,
 //! or berth-vmm's resume through its API: both kick [`Clock::kick`]), when
-//! the host has slept (its suspended time grew, see [`suspended`]), and
-//! every [`DRIFT_EVERY`]; nothing polls faster than [`SLEEP_CHECK`].
+//! the host has slept (on Linux a timerfd wakes at resume, see
+//! [`clock_jumps`]; everywhere the suspended time is compared every
+//! [`SLEEP_CHECK`], see [`suspended`]), and every [`DRIFT_EVERY`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,7 +58,8 @@ pub struct ClockCorrection {
     pub offset_ms: f64,
     /// Stepped at once (else slewed).
     pub step: bool,
-    /// Why the check ran: `resumed`, `host slept`, `drift`, `boot`.
+    /// Why the check ran: `resumed`, `host slept`, `host clock set`,
+    /// `drift`, `boot`.
     pub reason: String,
 }
 
@@ -131,6 +133,58 @@ pub fn suspended() -> Option<Duration> {
     None
 }
 
+/// Wakes when the host's wall clock jumps. On Linux one thread per
+/// process blocks on a `CLOCK_REALTIME` timerfd armed far ahead with
+/// `TFD_TIMER_CANCEL_ON_SET`: the kernel cancels it when the clock is set
+/// and when the host resumes from suspend, so a sleep is noticed at
+/// wake-up rather than at the next [`SLEEP_CHECK`]. Each jump bumps a
+/// counter every [`keep`] follows. Elsewhere nothing wakes (the
+/// [`SLEEP_CHECK`] comparison finds sleeps).
+pub fn clock_jumps() -> tokio::sync::watch::Receiver<u64> {
+    static JUMPS: std::sync::OnceLock<tokio::sync::watch::Sender<u64>> = std::sync::OnceLock::new();
+    JUMPS
+        .get_or_init(|| {
+            let (tx, _) = tokio::sync::watch::channel(0u64);
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            {
+                let tx = tx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("clock-jumps".into())
+                    .spawn(move || {
+                        if let Err(e) = follow_jumps(&tx) {
+                            tracing::debug!("host clock jumps are not followed: {e}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::debug!("host clock jumps are not followed: {e}");
+                }
+            }
+            tx
+        })
+        .subscribe()
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn follow_jumps(tx: &tokio::sync::watch::Sender<u64>) -> nix::Result<()> {
+    use nix::sys::time::TimeSpec;
+    use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+    let fd = TimerFd::new(ClockId::CLOCK_REALTIME, TimerFlags::TFD_CLOEXEC)?;
+    loop {
+        // Ten years ahead: it only ever ends by being cancelled.
+        let far = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            + Duration::from_secs(10 * 365 * 86_400);
+        fd.set(
+            Expiration::OneShot(TimeSpec::from_duration(far)),
+            TimerSetTimeFlags::TFD_TIMER_ABSTIME | TimerSetTimeFlags::TFD_TIMER_CANCEL_ON_SET,
+        )?;
+        // Returns on the cancellation (or the expiry); EINTR is retried.
+        fd.wait()?;
+        tx.send_modify(|n| *n += 1);
+    }
+}
+
 /// Whether the host slept since the last look (and remembers this one).
 #[derive(Debug)]
 pub struct SleepWatch(Option<Duration>);
@@ -175,6 +229,7 @@ fn unix_now() -> u64 {
 pub async fn keep(vsock: PathBuf, shared: Arc<Shared>, clock: Arc<Clock>) {
     let mut client: Option<GuestClient> = None;
     let mut watch = SleepWatch::new();
+    let mut jumps = Some(clock_jumps());
     let mut tick = tokio::time::interval(SLEEP_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_check = Instant::now();
@@ -186,6 +241,22 @@ pub async fn keep(vsock: PathBuf, shared: Arc<Shared>, clock: Arc<Clock>) {
         if reason.is_none() {
             tokio::select! {
                 _ = clock.kick.notified() => reason = Some("resumed"),
+                r = async {
+                    match jumps.as_mut() {
+                        Some(j) => j.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_err() {
+                        // Not expected (the sender lives in a static).
+                        jumps = None;
+                    }
+                    reason = Some(if watch.slept(suspended()) {
+                        "host slept"
+                    } else {
+                        "host clock set"
+                    });
+                }
                 _ = tick.tick() => {
                     if watch.slept(suspended()) {
                         reason = Some("host slept");

@@ -33,6 +33,61 @@ fn disk_allocated(ctx: &Ctx) -> u64 {
         .expect("berth status reports the data disk's allocated size")
 }
 
+/// Guest memory is a memfd that QEMU shares with the vhost-user
+/// backends: its allocated size (QEMU's fd to it) and the other
+/// processes that map it. A page released from the file is released for
+/// every process that maps it.
+fn guest_memory_file(ctx: &Ctx) -> (u64, Vec<u32>) {
+    use std::os::unix::fs::MetadataExt;
+    let pid = ctx.status()["pid"].as_u64().expect("the VM's pid") as u32;
+    let mut best: Option<(u64, String)> = None;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let t = target.to_string_lossy().into_owned();
+        if !t.starts_with("/memfd:") {
+            continue;
+        }
+        let Ok(m) = std::fs::metadata(e.path()) else {
+            continue;
+        };
+        // The guest's RAM is by far the largest memfd QEMU holds.
+        if best.as_ref().is_none_or(|b| m.size() > b.0) {
+            best = Some((m.size(), e.path().to_string_lossy().into_owned()));
+        }
+    }
+    let (_, path) = best.expect("QEMU holds the guest memory memfd");
+    let m = std::fs::metadata(&path).unwrap();
+    let name = std::fs::read_link(&path).unwrap();
+    let name = name.to_string_lossy();
+    let ino = m.ino();
+    // Mappers: processes whose maps show this memfd's inode.
+    let mut mappers = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(other) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if other == pid {
+            continue;
+        }
+        let Ok(maps) = std::fs::read_to_string(p.path().join("maps")) else {
+            continue;
+        };
+        let mapped = maps.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 6 && f[4] == ino.to_string() && name.starts_with(f[5])
+        });
+        if mapped {
+            mappers.push(other);
+        }
+    }
+    (m.blocks() * 512, mappers)
+}
+
 /// The VM's resident memory once it stops falling: sampled every 2 s
 /// until three samples in a row are within 2 % (at most 90 s).
 fn settled_rss(ctx: &Ctx) -> u64 {
@@ -89,11 +144,22 @@ fn memory_given_back(ctx: &Ctx) {
     // under TCG) belongs to the idle figure.
     fill(ctx, 16);
     let idle = settled_rss(ctx);
-    println!("      VM resident memory, idle: {} MiB", idle / MIB);
+    let (file_idle, mappers) = guest_memory_file(ctx);
+    println!(
+        "      VM resident memory, idle: {} MiB; guest memory file {} MiB allocated, mapped by {} vhost-user backend process(es) too",
+        idle / MIB,
+        file_idle / MIB,
+        mappers.len()
+    );
+    assert!(
+        !mappers.is_empty(),
+        "no backend maps guest memory: the check below would not cover them"
+    );
     // A container touches 2 GiB (a memory-backed tmpfs it fills) and exits.
     let t0 = Instant::now();
     let out = fill(ctx, 2048);
     let peak = rss(ctx);
+    let (file_peak, _) = guest_memory_file(ctx);
     println!(
         "      the container filled 2 GiB in {:.1} s; VM resident memory now {} MiB ({})",
         t0.elapsed().as_secs_f64(),
@@ -111,6 +177,21 @@ fn memory_given_back(ctx: &Ctx) {
         idle,
         Duration::from_secs(30),
         "after the container exited",
+    );
+    // Given back from the shared file, hence from the backends' mappings
+    // as well, not only from QEMU's.
+    let (file_after, _) = guest_memory_file(ctx);
+    assert!(
+        file_after <= file_idle + file_idle / 10 + 64 * MIB,
+        "the guest memory file kept its pages: {} MiB allocated idle, {} MiB after",
+        file_idle / MIB,
+        file_after / MIB
+    );
+    println!(
+        "      guest memory file (shared with the backends): {} MiB allocated idle, {} MiB with 2 GiB touched, {} MiB after",
+        file_idle / MIB,
+        file_peak / MIB,
+        file_after / MIB
     );
     println!(
         "      figure: memory given back: {} MiB idle → {} MiB with 2 GiB touched → within 10 % of idle {:.1} s after the container exited ({} MiB)",

@@ -172,7 +172,7 @@ impl Balloon {
 
 /// Page-aligned, not empty and within one region of guest memory.
 pub fn range_ok(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> bool {
-    if len == 0 || addr.0 % PAGE != 0 || len % PAGE != 0 {
+    if len == 0 || !addr.0.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         return false;
     }
     let Some(last) = addr.checked_add(len - 1) else {
