@@ -384,3 +384,52 @@ fn c_tool(work: &Path, name: &str) -> PathBuf {
     assert!(st.success(), "compiling {src} failed");
     out
 }
+
+/// Reads from QEMU's human monitor until its prompt, at most 10 s.
+fn until_prompt(s: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let t0 = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"(qemu) ") {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "QEMU's monitor gave no prompt: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        match s.read(&mut buf) {
+            Ok(0) => panic!("QEMU's monitor closed the connection"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading QEMU's monitor: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Runs `cmd` on QEMU's human monitor at `sock` (one client at a time),
+/// waiting for its answer; for `stop` and `cont` checks with `info
+/// status` that the VM is then paused or running.
+pub fn qemu_monitor(sock: &Path, cmd: &str) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("QEMU's monitor");
+    s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    until_prompt(&mut s); // the banner
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    until_prompt(&mut s);
+    let want = match cmd {
+        "stop" => "paused",
+        "cont" => "running",
+        _ => return,
+    };
+    s.write_all(b"info status\n").unwrap();
+    let st = until_prompt(&mut s);
+    assert!(
+        st.contains(&format!("VM status: {want}")),
+        "after `{cmd}` QEMU says: {st:?}"
+    );
+}

@@ -18,7 +18,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const MIB: u64 = 1 << 20;
@@ -93,14 +92,7 @@ fn disk_run(b: &common::ScratchVm) -> (u64, u64, Vec<u64>) {
 }
 
 fn monitor(b: &common::ScratchVm, cmd: &str) {
-    let sock = b.data_home.join("berth/default/qemu.monitor");
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    let _ = s.read(&mut buf);
-    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-    let _ = s.read(&mut buf);
+    berth_testkit::qemu_monitor(&b.data_home.join("berth/default/qemu.monitor"), cmd);
 }
 
 fn guest_offset_ms(b: &common::ScratchVm) -> (f64, f64) {

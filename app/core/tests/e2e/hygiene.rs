@@ -2,7 +2,7 @@
 //! deleted data shrinks the host's disk file, the guest clock is right
 //! after a pause and stays right. Figures are printed as `figure:` lines.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -270,9 +270,27 @@ fn write_tar(mut w: impl Write, name: &str, len: u64) -> std::io::Result<()> {
     w.write_all(&zeros[..pad + 1024])
 }
 
+/// `data.img`'s allocated size once it stops changing (deletions of the
+/// earlier cases may still be reaching the host): sampled every 2 s until
+/// three samples in a row are within 1 % (at most 60 s).
+fn settled_disk(ctx: &Ctx) -> u64 {
+    let t0 = Instant::now();
+    let mut last = [disk_allocated(ctx), u64::MAX, u64::MAX];
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_secs(2));
+        last.rotate_right(1);
+        last[0] = disk_allocated(ctx);
+        let (lo, hi) = (last.iter().min().unwrap(), last.iter().max().unwrap());
+        if *hi != u64::MAX && (hi - lo) * 100 <= *lo {
+            break;
+        }
+    }
+    last[0]
+}
+
 fn disk_shrinks(ctx: &Ctx) {
     ctx.berth_ok(&["shell", "--", "sync"]);
-    let before = disk_allocated(ctx);
+    let before = settled_disk(ctx);
     // A 1 GiB image, imported from the host.
     let t0 = Instant::now();
     let mut child = ctx
@@ -483,17 +501,12 @@ fn clock_holds(ctx: &Ctx) {
 }
 
 /// Sends one HMP command to QEMU's monitor.
+/// `stop` or `cont` on QEMU's human monitor, checked.
 fn monitor(ctx: &Ctx, cmd: &str) {
-    let mut s = std::os::unix::net::UnixStream::connect(
-        berth_core::paths::StateDir::at(&ctx.state).qemu_monitor(),
-    )
-    .expect("QEMU's monitor");
-    s.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    let _ = s.read(&mut buf); // the banner
-    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-    let _ = s.read(&mut buf);
+    berth_testkit::qemu_monitor(
+        &berth_core::paths::StateDir::at(&ctx.state).qemu_monitor(),
+        cmd,
+    );
 }
 
 fn clock_after_pause(ctx: &Ctx) {
