@@ -36,26 +36,47 @@ fn allocated(b: &common::ScratchVm) -> u64 {
         .unwrap_or(0)
 }
 
+/// A container that touches `mib` of memory and keeps it, until
+/// [`end_fill`].
 fn fill(b: &common::ScratchVm, mib: u32) {
     b.docker(&[
         "run",
-        "--rm",
+        "-d",
+        "--name",
+        "bench-fill",
         "--tmpfs",
         "/fill:size=2100m",
         "bench/bb:1",
         "sh",
         "-c",
-        &format!("dd if=/dev/zero of=/fill/f bs=1M count={mib} 2>/dev/null"),
+        &format!(
+            "dd if=/dev/zero of=/fill/f bs=1M count={mib} 2>/dev/null; echo filled; exec sleep 600"
+        ),
     ]);
+    let t0 = Instant::now();
+    while !b.docker(&["logs", "bench-fill"]).contains("filled") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "fill took over 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
-/// Resident memory every 5 s for 30 s after a 2 GiB container, in MiB.
+fn end_fill(b: &common::ScratchVm) {
+    b.docker(&["rm", "-f", "bench-fill"]);
+}
+
+/// Resident memory every 5 s for 30 s after a container holding 2 GiB
+/// exits, in MiB.
 fn memory_run(b: &common::ScratchVm) -> (u64, u64, Vec<u64>) {
     fill(b, 16);
+    end_fill(b);
     std::thread::sleep(Duration::from_secs(15));
     let idle = rss(b);
     fill(b, 2048);
     let peak = rss(b);
+    end_fill(b);
     let mut after = Vec::new();
     for _ in 0..6 {
         std::thread::sleep(Duration::from_secs(5));

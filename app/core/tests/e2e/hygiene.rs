@@ -124,18 +124,40 @@ fn back_to(ctx: &Ctx, idle: u64, limit: Duration, what: &str) -> Duration {
     t0.elapsed()
 }
 
-/// The container that touches memory: `mib` of a memory-backed tmpfs.
+/// A container that touches `mib` of memory (a memory-backed tmpfs it
+/// fills) and keeps it: returns once it has, with dd's summary line.
 fn fill(ctx: &Ctx, mib: u32) -> String {
     ctx.docker_ok(&[
         "run",
-        "--rm",
+        "-d",
+        "--name",
+        "e2e-fill",
         "--tmpfs",
         "/fill:size=2100m",
         BB,
         "sh",
         "-c",
-        &format!("dd if=/dev/zero of=/fill/f bs=1M count={mib} 2>&1 | tail -n1"),
-    ])
+        &format!(
+            "dd if=/dev/zero of=/fill/f bs=1M count={mib} 2>&1 | tail -n1; echo filled; exec sleep 600"
+        ),
+    ]);
+    let t0 = Instant::now();
+    loop {
+        let logs = ctx.docker_ok(&["logs", "e2e-fill"]);
+        if logs.contains("filled") {
+            return logs.lines().next().unwrap_or("").to_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the container did not fill {mib} MiB in 300 s: {logs}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The container exits (killed), its memory free in the guest.
+fn end_fill(ctx: &Ctx) {
+    ctx.docker_ok(&["rm", "-f", "e2e-fill"]);
 }
 
 fn memory_given_back(ctx: &Ctx) {
@@ -143,6 +165,7 @@ fn memory_given_back(ctx: &Ctx) {
     // it leaves (its files in the page cache, QEMU's translated code
     // under TCG) belongs to the idle figure.
     fill(ctx, 16);
+    end_fill(ctx);
     let idle = settled_rss(ctx);
     let (file_idle, mappers) = guest_memory_file(ctx);
     println!(
@@ -164,7 +187,7 @@ fn memory_given_back(ctx: &Ctx) {
         "      the container filled 2 GiB in {:.1} s; VM resident memory now {} MiB ({})",
         t0.elapsed().as_secs_f64(),
         peak / MIB,
-        out.trim().replace('\n', "; ")
+        out.trim()
     );
     assert!(
         peak >= idle + 1536 * MIB,
@@ -172,6 +195,7 @@ fn memory_given_back(ctx: &Ctx) {
         idle / MIB,
         peak / MIB
     );
+    end_fill(ctx);
     let took = back_to(
         ctx,
         idle,
@@ -330,7 +354,9 @@ fn disk_shrinks(ctx: &Ctx) {
     ctx.docker_ok(&["rmi", "berth-e2e/big:1"]);
     ctx.docker_ok(&["volume", "rm", "e2e-big"]);
     let t0 = Instant::now();
-    let goal = before + before / 10;
+    // Within 10 %, with a floor of 16 MiB for an almost empty disk: what
+    // stays is metadata (directory blocks Docker grew, the journal).
+    let goal = before + (before / 10).max(16 * MIB);
     let mut now = disk_allocated(ctx);
     while now > goal {
         assert!(
@@ -529,11 +555,14 @@ fn clock_after_pause(ctx: &Ctx) {
         first.get_or_insert(o);
         readings.push((at.as_secs_f64(), o, rtt));
         if o.abs() <= 100.0 {
+            let found = ctx.status()["clock"]["last_correction"]["offset_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
             println!(
-                "      figure: after a 20 s pause the guest clock was {:+.0} ms off; within 100 ms of the host {:.0} ms after `cont` (offset {o:+.1} ms ±{:.1}); before the pause {before:+.1} ms",
-                first.unwrap_or(o),
+                "      figure: after a 20 s pause the clock keeper found the guest {found:+.0} ms off and corrected it; the guest clock read {:.0} ms after `cont`: {o:+.1} ms (±{:.1}) from the host (first reading {:+.1} ms); before the pause {before:+.1} ms",
                 at.as_secs_f64() * 1000.0,
-                rtt / 2.0
+                rtt / 2.0,
+                first.unwrap_or(o),
             );
             assert!(
                 at < Duration::from_secs(1),
@@ -548,12 +577,14 @@ fn clock_after_pause(ctx: &Ctx) {
     }
     // Containers share the guest's clock.
     let t0 = unix_nanos();
-    let out = ctx.docker_ok(&["run", "--rm", BB, "date", "+%s%N"]);
+    // (busybox's `date` has whole seconds: a second of slack either way;
+    // without the correction the container would be 20 s behind.)
+    let out = ctx.docker_ok(&["run", "--rm", BB, "date", "+%s"]);
     let t1 = unix_nanos();
-    let c: i128 = out.trim().parse().expect("date in a container");
+    let c = out.trim().parse::<i128>().expect("date in a container") * 1_000_000_000;
     assert!(
-        c >= t0 - 100_000_000 && c <= t1 + 100_000_000,
-        "a container's clock is outside [{t0}, {t1}] ± 100 ms: {c}"
+        c >= t0 - 2_000_000_000 && c <= t1 + 1_000_000_000,
+        "a container's clock ({c}) is outside the host's [{t0}, {t1}] by more than a second"
     );
     let s = ctx.status();
     let last = &s["clock"]["last_correction"];
