@@ -47,6 +47,24 @@ pub fn route(method: &Method, path: &str) -> Result<Action, StatusCode> {
     }
 }
 
+/// What wakes berth-vmm's main loop, which otherwise sleeps: it waits
+/// on one channel for all of these, with a deadline only while a
+/// shutdown request's grace runs.
+#[derive(Debug)]
+pub enum Wake {
+    /// A vCPU ended the VM.
+    Exit(crate::exit::ExitReason),
+    /// Every vCPU thread is gone.
+    VcpusEnded,
+    Pause,
+    Resume,
+    /// A shutdown was requested through the API (its time is in
+    /// [`ApiState::shutdown_requested`]).
+    Shutdown,
+    /// SIGTERM or SIGINT.
+    Terminate,
+}
+
 /// What the API can see and do.
 #[derive(Debug, Clone)]
 pub struct ApiState {
@@ -56,8 +74,8 @@ pub struct ApiState {
     pub memory_mib: u64,
     /// Set when a shutdown is requested; the main loop enforces it.
     pub shutdown_requested: Arc<Mutex<Option<Instant>>>,
-    /// Pause (true) and resume (false) requests for the main loop.
-    pub pause: std::sync::mpsc::Sender<bool>,
+    /// Wakes the main loop: pause, resume, a shutdown request.
+    pub wake: std::sync::mpsc::Sender<Wake>,
     /// Whether the vCPUs are paused, and how often they were resumed
     /// (the host agent checks the guest clock when this grows).
     pub paused: Arc<std::sync::atomic::AtomicBool>,
@@ -103,6 +121,7 @@ pub fn perform(action: Action, s: &ApiState) -> Response<Full<Bytes>> {
             if req.is_none() {
                 s.devices.ctrl_alt_del();
                 *req = Some(Instant::now());
+                let _ = s.wake.send(Wake::Shutdown);
             }
             json(
                 StatusCode::ACCEPTED,
@@ -112,7 +131,7 @@ pub fn perform(action: Action, s: &ApiState) -> Response<Full<Bytes>> {
         Action::Metrics => json(StatusCode::OK, s.devices.metrics()),
         Action::Pause | Action::Resume => {
             let pause = action == Action::Pause;
-            match s.pause.send(pause) {
+            match s.wake.send(if pause { Wake::Pause } else { Wake::Resume }) {
                 Ok(()) => json(StatusCode::ACCEPTED, serde_json::json!({ "paused": pause })),
                 Err(_) => json(
                     StatusCode::SERVICE_UNAVAILABLE,

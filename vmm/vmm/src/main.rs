@@ -261,12 +261,12 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
             tracing::warn!("cannot handle signal {sig}: {e}");
         }
     }
-    let running = match vm::start(&hv, &cfg) {
+    let mut running = match vm::start(&hv, &cfg) {
         Ok(r) => r,
         Err(e) => return fail(&e.to_string()),
     };
     let shutdown_requested = Arc::new(Mutex::new(None::<Instant>));
-    let (pause_tx, pause_rx) = std::sync::mpsc::channel::<bool>();
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel::<api::Wake>();
     let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let resumes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(path) = &cfg.api_socket {
@@ -276,7 +276,7 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
             cpus: cfg.cpus,
             memory_mib: cfg.memory_mib,
             shutdown_requested: shutdown_requested.clone(),
-            pause: pause_tx.clone(),
+            wake: wake_tx.clone(),
             paused: paused.clone(),
             resumes: resumes.clone(),
         };
@@ -288,34 +288,101 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
             ));
         }
     }
+    // Everything that can end or change the run wakes the loop through
+    // `wake_rx`: vCPU exits (forwarded by a thread), API requests and
+    // signals (a task on the event loop); nothing is polled.
+    let exits = std::mem::replace(&mut running.exits, std::sync::mpsc::channel().1);
+    let tx = wake_tx.clone();
+    let forwarded = std::thread::Builder::new()
+        .name("vcpu-exits".into())
+        .spawn(move || {
+            for r in exits.iter() {
+                if tx.send(api::Wake::Exit(r)).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(api::Wake::VcpusEnded);
+        });
+    if let Err(e) = forwarded {
+        running.stop();
+        return fail(&format!("cannot start a thread: {e}"));
+    }
+    // Registered here, before the flag is read, so no signal falls
+    // between the two.
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = running.events().runtime().enter();
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    };
+    match signals {
+        (Ok(mut term), Ok(mut int)) => {
+            let tx = wake_tx.clone();
+            running.events().runtime().spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    if tx.send(api::Wake::Terminate).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        _ => tracing::warn!("cannot follow SIGTERM/SIGINT: send a shutdown through the API"),
+    }
+    // A signal that came while the VM was being built.
+    if TERMINATE.swap(false, Ordering::SeqCst) {
+        let _ = wake_tx.send(api::Wake::Terminate);
+    }
     let grace = Duration::from_secs(a.shutdown_timeout);
     let reason = loop {
-        match running.exits.recv_timeout(Duration::from_millis(100)) {
-            Ok(r) => break r,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                break ExitReason::Error("all vCPUs ended".into())
+        let deadline = shutdown_requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t + grace);
+        let woke = match deadline {
+            Some(d) => match wake_rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(w) => w,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break ExitReason::ForcedStop,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break ExitReason::Error("all vCPUs ended".into())
+                }
+            },
+            None => match wake_rx.recv() {
+                Ok(w) => w,
+                Err(_) => break ExitReason::Error("all vCPUs ended".into()),
+            },
+        };
+        match woke {
+            api::Wake::Exit(r) => break r,
+            api::Wake::VcpusEnded => break ExitReason::Error("all vCPUs ended".into()),
+            api::Wake::Pause => {
+                if !paused.swap(true, Ordering::SeqCst) {
+                    tracing::info!("vCPUs paused through the API");
+                    running.command(berth_vmm::vcpu::Command::Pause);
+                }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        while let Ok(pause) = pause_rx.try_recv() {
-            let was = paused.swap(pause, Ordering::SeqCst);
-            if pause && !was {
-                tracing::info!("vCPUs paused through the API");
-                running.command(berth_vmm::vcpu::Command::Pause);
-            } else if !pause && was {
-                tracing::info!("vCPUs resumed through the API");
-                running.command(berth_vmm::vcpu::Command::Resume);
-                resumes.fetch_add(1, Ordering::SeqCst);
+            api::Wake::Resume => {
+                if paused.swap(false, Ordering::SeqCst) {
+                    tracing::info!("vCPUs resumed through the API");
+                    running.command(berth_vmm::vcpu::Command::Resume);
+                    resumes.fetch_add(1, Ordering::SeqCst);
+                }
             }
-        }
-        let mut requested = shutdown_requested.lock().unwrap_or_else(|e| e.into_inner());
-        if TERMINATE.swap(false, Ordering::SeqCst) && requested.is_none() {
-            tracing::info!("shutting down: ctrl-alt-del sent to the guest");
-            running.devices.ctrl_alt_del();
-            *requested = Some(Instant::now());
-        }
-        if requested.is_some_and(|t| t.elapsed() > grace) {
-            break ExitReason::ForcedStop;
+            // The deadline is read again above.
+            api::Wake::Shutdown => {}
+            api::Wake::Terminate => {
+                let mut requested = shutdown_requested.lock().unwrap_or_else(|e| e.into_inner());
+                if requested.is_none() {
+                    tracing::info!("shutting down: ctrl-alt-del sent to the guest");
+                    running.devices.ctrl_alt_del();
+                    *requested = Some(Instant::now());
+                }
+            }
         }
     };
     let reason = if reason == ExitReason::PowerOff && running.devices.guest_panicked() {
