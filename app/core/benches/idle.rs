@@ -97,9 +97,10 @@ fn plain_qemu(work: &Path, kvm: bool, cpus: u8, memory_mib: u64) -> Child {
     // The kernel options the qemu driver adds under TCG (the TSC trusted,
     // RDRAND seeding the random generator, hence no virtio-rng either).
     let extra = if kvm {
-        ""
+        String::new()
     } else {
-        " tsc=reliable random.trust_cpu=on"
+        let khz = berth_hypervisor::tsc::host_tsc_khz(Duration::from_millis(100)).unwrap_or(0);
+        format!(" tsc=reliable tsc_early_khz={khz} random.trust_cpu=on")
     };
     let mem = format!("{memory_mib}M");
     let mut cmd = Command::new("qemu-system-x86_64");

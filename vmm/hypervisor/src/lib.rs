@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod mock;
+pub mod tsc;
 mod x86;
 
 pub use x86::{CpuidEntry, DescriptorTable, Regs, Segment, SpecialRegs};

@@ -145,12 +145,26 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
         // the VM's resident memory would grow by up to 1 GiB of cache.
         Accel::Tcg => cmd.args(["-accel", "tcg,thread=single,tb-size=256", "-cpu", "max"]),
     };
-    // Under TCG the guest's TSC is the host's (stopped while the VM is
-    // paused), but the kernel finds the vCPUs' TSCs unsynchronised and
-    // falls back to counting timer ticks, which loses 0.1–0.5 s a minute
-    // here. Trusting the TSC keeps the guest clock within milliseconds.
+    // Under TCG the guest's TSC counts at the host's rate (stopped while
+    // the VM is paused), but the guest cannot calibrate it (no HPET or PM
+    // timer on microvm, and its PIT calibration fails whenever the
+    // emulated vCPU is slow) nor trusts it across vCPUs, and falls back to
+    // counting timer ticks, which loses 0.1–0.5 s a minute here. Given
+    // the host's TSC frequency and told to trust it, it keeps time on the
+    // TSC, within milliseconds.
     let mut cmdline = match accel {
-        Accel::Tcg => format!("{} tsc=reliable", spec.cmdline()),
+        Accel::Tcg => {
+            let khz = tokio::task::spawn_blocking(|| {
+                berth_hypervisor::tsc::host_tsc_khz(std::time::Duration::from_millis(100))
+            })
+            .await
+            .ok()
+            .flatten();
+            match khz {
+                Some(k) => format!("{} tsc=reliable tsc_early_khz={k}", spec.cmdline()),
+                None => format!("{} tsc=reliable", spec.cmdline()),
+            }
+        }
         Accel::Kvm => spec.cmdline(),
     };
     if !rng {

@@ -497,6 +497,28 @@ pub fn start_watch(ctx: &Ctx) {
 
 fn clock_holds(ctx: &Ctx) {
     WATCH_DONE.store(true, Ordering::SeqCst);
+    // The guest keeps time on a clock source, not by counting ticks
+    // (`jiffies`, `refined-jiffies`), which drifts by tenths of a second a
+    // minute (under TCG: the TSC, given the host's frequency).
+    let source = ctx.berth_ok(&[
+        "shell",
+        "--",
+        "cat",
+        "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+    ]);
+    println!("      guest clock source: {}", source.trim());
+    assert!(
+        !source.contains("jiffies"),
+        "the guest counts ticks for time ({}); its boot log says why: {}",
+        source.trim(),
+        ctx.berth_ok(&[
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "dmesg | grep -i -E 'tsc|clocksource'"
+        ])
+    );
     let mut probe = GuestClock::open(ctx);
     let (now, rtt) = probe.read(5);
     let v = SINCE_START.lock().unwrap().clone();
