@@ -9,6 +9,7 @@
 //! | `GET /metrics` | per-device counters |
 //! | `PUT /pause` | stops every vCPU (devices keep their state) |
 //! | `PUT /resume` | runs them again; `/status` counts resumes |
+//! | `GET /resumes?after=N` | answers `{"resumes":M}` as soon as the count passes N (at once if it has), else after 50 s with the count as it is: a client follows resumes without polling |
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,8 @@ pub enum Action {
     Metrics,
     Pause,
     Resume,
+    /// Long-poll for the resume count (`?after=N`).
+    Resumes,
 }
 
 /// Maps a request line onto an action.
@@ -40,7 +43,8 @@ pub fn route(method: &Method, path: &str) -> Result<Action, StatusCode> {
         (&Method::GET, "/metrics") => Ok(Action::Metrics),
         (&Method::PUT, "/pause") => Ok(Action::Pause),
         (&Method::PUT, "/resume") => Ok(Action::Resume),
-        (_, "/status" | "/shutdown" | "/metrics" | "/pause" | "/resume") => {
+        (&Method::GET, "/resumes") => Ok(Action::Resumes),
+        (_, "/status" | "/shutdown" | "/metrics" | "/pause" | "/resume" | "/resumes") => {
             Err(StatusCode::METHOD_NOT_ALLOWED)
         }
         _ => Err(StatusCode::NOT_FOUND),
@@ -80,6 +84,42 @@ pub struct ApiState {
     /// (the host agent checks the guest clock when this grows).
     pub paused: Arc<std::sync::atomic::AtomicBool>,
     pub resumes: Arc<std::sync::atomic::AtomicU64>,
+    /// Notified (all waiters) after `resumes` grew.
+    pub resumed: Arc<tokio::sync::Notify>,
+}
+
+/// How long `GET /resumes` waits for a resume before answering anyway.
+pub const RESUMES_WAIT: std::time::Duration = std::time::Duration::from_secs(50);
+
+/// `after` from a `?after=N` query; 0 when absent or not a number.
+pub fn after_param(query: Option<&str>) -> u64 {
+    query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("after="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Answers once the resume count passes `after`, or after `wait`.
+pub async fn wait_resumes(
+    s: &ApiState,
+    after: u64,
+    wait: std::time::Duration,
+) -> Response<Full<Bytes>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Registered before the count is read, so a resume in between
+        // is not missed.
+        let notified = s.resumed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let n = s.resumes.load(std::sync::atomic::Ordering::SeqCst);
+        if n > after || tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let n = s.resumes.load(std::sync::atomic::Ordering::SeqCst);
+            return json(StatusCode::OK, serde_json::json!({ "resumes": n }));
+        }
+    }
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -129,6 +169,11 @@ pub fn perform(action: Action, s: &ApiState) -> Response<Full<Bytes>> {
             )
         }
         Action::Metrics => json(StatusCode::OK, s.devices.metrics()),
+        // Served by [`wait_resumes`]; here the count as it is.
+        Action::Resumes => json(
+            StatusCode::OK,
+            serde_json::json!({ "resumes": s.resumes.load(std::sync::atomic::Ordering::SeqCst) }),
+        ),
         Action::Pause | Action::Resume => {
             let pause = action == Action::Pause;
             match s.wake.send(if pause { Wake::Pause } else { Wake::Resume }) {
@@ -171,6 +216,10 @@ pub fn serve(events: &EventLoop, path: &Path, state: ApiState) -> std::io::Resul
                     let state = state.clone();
                     async move {
                         let resp = match route(req.method(), req.uri().path()) {
+                            Ok(Action::Resumes) => {
+                                let after = after_param(req.uri().query());
+                                wait_resumes(&state, after, RESUMES_WAIT).await
+                            }
                             Ok(action) => perform(action, &state),
                             Err(code) => json(
                                 code,
@@ -209,5 +258,19 @@ mod tests {
             Err(StatusCode::METHOD_NOT_ALLOWED)
         );
         assert_eq!(route(&Method::GET, "/../etc"), Err(StatusCode::NOT_FOUND));
+        assert_eq!(route(&Method::GET, "/resumes"), Ok(Action::Resumes));
+        assert_eq!(
+            route(&Method::PUT, "/resumes"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        );
+    }
+
+    #[test]
+    fn the_after_parameter_is_read_or_zero() {
+        assert_eq!(after_param(Some("after=3")), 3);
+        assert_eq!(after_param(Some("x=1&after=12")), 12);
+        assert_eq!(after_param(Some("after=-1")), 0);
+        assert_eq!(after_param(Some("after=99999999999999999999999")), 0);
+        assert_eq!(after_param(None), 0);
     }
 }

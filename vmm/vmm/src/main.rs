@@ -269,6 +269,7 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
     let (wake_tx, wake_rx) = std::sync::mpsc::channel::<api::Wake>();
     let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let resumes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let resumed = Arc::new(tokio::sync::Notify::new());
     if let Some(path) = &cfg.api_socket {
         let state = api::ApiState {
             devices: running.devices.clone(),
@@ -279,6 +280,7 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
             wake: wake_tx.clone(),
             paused: paused.clone(),
             resumes: resumes.clone(),
+            resumed: resumed.clone(),
         };
         if let Err(e) = api::serve(running.events(), path, state) {
             running.stop();
@@ -371,6 +373,7 @@ fn run(a: RunArgs, fd_limit: u64) -> ExitCode {
                     tracing::info!("vCPUs resumed through the API");
                     running.command(berth_vmm::vcpu::Command::Resume);
                     resumes.fetch_add(1, Ordering::SeqCst);
+                    resumed.notify_waiters();
                 }
             }
             // The deadline is read again above.

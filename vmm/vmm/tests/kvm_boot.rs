@@ -233,7 +233,30 @@ fn boot_to_init(format: Format) {
             std::thread::sleep(Duration::from_millis(1500));
             let b = out(&api(&api_sock, "GET", "/metrics").1);
             assert_eq!(a, b, "the guest wrote to its console while paused");
+            // A client waiting for resumes (the host agent's clock
+            // keeper) is answered at the resume, not at its next look.
+            let waiter = {
+                let sock = api_sock.clone();
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let r = api(&sock, "GET", "/resumes?after=0");
+                    (r, t.elapsed())
+                })
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let asked = Instant::now();
             assert_eq!(api(&api_sock, "PUT", "/resume").0, 202);
+            let ((code, body), waited) = waiter.join().unwrap();
+            assert_eq!(code, 200, "{body}");
+            assert!(body.contains("\"resumes\":1"), "{body}");
+            assert!(
+                waited < Duration::from_secs(30),
+                "the waiter was answered only by its timeout ({waited:?})"
+            );
+            eprintln!(
+                "resume seen by a waiting client {:?} after PUT /resume was sent",
+                asked.elapsed()
+            );
             std::thread::sleep(Duration::from_millis(300));
             let st: serde_json::Value =
                 serde_json::from_str(&api(&api_sock, "GET", "/status").1).unwrap();

@@ -166,22 +166,46 @@ pub async fn watch_vmm(
     shared: Arc<Shared>,
     clock: Arc<super::clock::Clock>,
 ) {
+    tokio::join!(
+        follow_vmm_resumes(&api, &clock),
+        watch_vmm_metrics(&api, &data_disk, &shared)
+    );
+}
+
+/// vCPUs resumed through berth-vmm's API: the clock keeper is kicked as
+/// soon as berth-vmm answers the long-poll (`GET /resumes?after=N`).
+async fn follow_vmm_resumes(api: &std::path::Path, clock: &super::clock::Clock) {
+    let mut seen: Option<u64> = None;
+    let mut failures = 0u32;
+    loop {
+        let path = match seen {
+            None => "/status".to_owned(),
+            Some(n) => format!("/resumes?after={n}"),
+        };
+        match crate::http::request_json(api, hyper::Method::GET, &path, None).await {
+            Ok((_, v)) if v["resumes"].is_u64() => {
+                failures = 0;
+                let n = v["resumes"].as_u64().unwrap_or(0);
+                if seen.is_some_and(|s| n > s) {
+                    clock.kick();
+                }
+                seen = Some(n);
+            }
+            _ => {
+                // Not up yet, or gone (then this task ends with the VM).
+                seen = None;
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(Duration::from_millis(200) * failures.min(25)).await;
+            }
+        }
+    }
+}
+
+async fn watch_vmm_metrics(api: &std::path::Path, data_disk: &std::path::Path, shared: &Shared) {
     let mut warned = false;
-    let mut resumes = 0;
     loop {
         tokio::time::sleep(VMM_CHECK_EVERY).await;
-        // vCPUs resumed through berth-vmm's API: have the clock checked.
-        if let Ok((_, st)) =
-            crate::http::request_json(&api, hyper::Method::GET, "/status", None).await
-        {
-            let n = st["resumes"].as_u64().unwrap_or(0);
-            if n > resumes {
-                clock.kick();
-            }
-            resumes = n;
-        }
-        let Ok((_, m)) =
-            crate::http::request_json(&api, hyper::Method::GET, "/metrics", None).await
+        let Ok((_, m)) = crate::http::request_json(api, hyper::Method::GET, "/metrics", None).await
         else {
             continue;
         };
@@ -191,7 +215,7 @@ pub async fn watch_vmm(
             .unwrap_or_else(|e| e.into_inner()) = vmm_balloon_reported(&m);
         let stalled = vmm_disk_stalled(&m);
         if stalled && !warned {
-            let free = free_bytes(&data_disk).unwrap_or(0);
+            let free = free_bytes(data_disk).unwrap_or(0);
             let text = format!(
                 "the host disk holding {} is full ({} MiB free): the VM's disk writes wait until there is room; free some space and they continue by themselves",
                 data_disk.display(),
