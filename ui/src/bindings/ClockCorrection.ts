@@ -13,6 +13,7 @@ offset_ms: number,
  */
 step: boolean, 
 /**
- * Why the check ran: `resumed`, `host slept`, `drift`, `boot`.
+ * Why the check ran: `resumed`, `host slept`, `host clock set`,
+ * `drift`, `boot`.
  */
 reason: string, };

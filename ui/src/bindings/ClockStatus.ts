@@ -10,7 +10,8 @@ export type ClockStatus = {
  */
 checked_at_unix: number, 
 /**
- * The guest's offset found then (positive: the guest was ahead), ms.
+ * The guest's offset after that check (positive: ahead), ms: after a
+ * step, read again; a slew still under way is not subtracted.
  */
 offset_ms: number, 
 /**
