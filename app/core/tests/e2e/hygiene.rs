@@ -161,6 +161,11 @@ fn end_fill(ctx: &Ctx) {
 }
 
 fn memory_given_back(ctx: &Ctx) {
+    let mib = ctx.status()["memory_mib"].as_u64().unwrap_or(0);
+    assert!(
+        mib >= 3072,
+        "the VM has {mib} MiB: a container holding 2 GiB needs the suite's 3 GiB (did a case change memory_mib before a restart?)"
+    );
     // The same container once with a little memory first: what running
     // it leaves (its files in the page cache, QEMU's translated code
     // under TCG) belongs to the idle figure.
