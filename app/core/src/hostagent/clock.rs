@@ -211,11 +211,20 @@ impl Default for SleepWatch {
 #[derive(Debug, Default)]
 pub struct Clock {
     kick: Notify,
+    /// Resumes seen, so that a correction a check already under way made
+    /// after a resume is put down to the resume.
+    resumes: std::sync::atomic::AtomicU64,
 }
 
 impl Clock {
     pub fn kick(&self) {
+        self.resumes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.kick.notify_one();
+    }
+
+    fn resumes(&self) -> u64 {
+        self.resumes.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -237,9 +246,11 @@ pub async fn keep(vsock: PathBuf, shared: Arc<Shared>, clock: Arc<Clock>) {
     let mut last_correction = None;
     // The boot set the clock; check at once that it took.
     let mut reason = Some("boot");
+    let mut resumes_seen = clock.resumes();
     loop {
         if reason.is_none() {
             tokio::select! {
+                biased;
                 _ = clock.kick.notified() => reason = Some("resumed"),
                 r = async {
                     match jumps.as_mut() {
@@ -270,7 +281,15 @@ pub async fn keep(vsock: PathBuf, shared: Arc<Shared>, clock: Arc<Clock>) {
         last_check = Instant::now();
         match check(&vsock, &mut client, why).await {
             Ok((sample, done)) => {
-                if let Some(c) = done {
+                // A check that began before a resume (say, a drift check
+                // while the VM was paused: it waits for the guest) and
+                // corrected after it corrected the pause.
+                let resumed = clock.resumes() != resumes_seen;
+                resumes_seen = clock.resumes();
+                if let Some(mut c) = done {
+                    if resumed {
+                        c.reason = "resumed".into();
+                    }
                     corrections += 1;
                     tracing::info!(
                         "guest clock {} by {:.1} ms ({})",
