@@ -67,6 +67,19 @@ fn offer_ranges(mem: &GuestMemoryMmap, q: &TestQueue, ranges: &[(u64, u32)]) {
     q.offer(mem, 0);
 }
 
+/// Offers one inflate/deflate request: the page numbers `pfns`, written at
+/// 0xd000.
+fn offer_pfns(mem: &GuestMemoryMmap, q: &TestQueue, pfns: impl IntoIterator<Item = u32>) {
+    let bytes: Vec<u8> = pfns.into_iter().flat_map(|p| p.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(0xd000)).unwrap();
+    q.set_desc(
+        mem,
+        0,
+        RawDescriptor::from(SplitDescriptor::new(0xd000, bytes.len() as u32, 0, 0)),
+    );
+    q.offer(mem, 0);
+}
+
 #[test]
 fn reported_ranges_are_released_and_read_as_zero() {
     let mem = two_regions();
@@ -122,17 +135,7 @@ fn inflated_pages_are_released_and_deflation_is_counted() {
     fill(&mem, 0x30_0000, 0x3000);
     let (mut b, qs, _) = balloon(&mem, Box::new(HostRelease));
     // Page numbers 0x300 and 0x302, and one beyond guest memory.
-    let pfns: Vec<u8> = [0x300u32, 0x302, 0xffff_ffff]
-        .iter()
-        .flat_map(|p| p.to_le_bytes())
-        .collect();
-    mem.write_slice(&pfns, GuestAddress(0xd000)).unwrap();
-    qs[0].set_desc(
-        &mem,
-        0,
-        RawDescriptor::from(SplitDescriptor::new(0xd000, pfns.len() as u32, 0, 0)),
-    );
-    qs[0].offer(&mem, 0);
+    offer_pfns(&mem, &qs[0], [0x300, 0x302, 0xffff_ffff]);
     b.queue_notify(INFLATE_Q);
     assert_eq!(b.stats.inflated_pages, 2);
     assert_eq!(b.stats.refused, 1);
@@ -158,16 +161,7 @@ fn inflated_pages_are_released_and_deflation_is_counted() {
 fn one_request_carries_at_most_256_page_numbers() {
     let mem = two_regions();
     let (mut b, qs, _) = balloon(&mem, Box::new(HostRelease));
-    let pfns: Vec<u8> = (0x400u32..0x400 + 300)
-        .flat_map(|p| p.to_le_bytes())
-        .collect();
-    mem.write_slice(&pfns, GuestAddress(0xd000)).unwrap();
-    qs[0].set_desc(
-        &mem,
-        0,
-        RawDescriptor::from(SplitDescriptor::new(0xd000, pfns.len() as u32, 0, 0)),
-    );
-    qs[0].offer(&mem, 0);
+    offer_pfns(&mem, &qs[0], 0x400..0x400 + 300);
     b.queue_notify(INFLATE_Q);
     assert_eq!(b.stats.inflated_pages, 256);
     assert_eq!(b.stats.refused, 44);
