@@ -18,6 +18,7 @@
 
 mod common;
 
+use berth_core::driver::{accel_args, guest_has_rdrand, kernel_options, Accel};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -89,19 +90,10 @@ fn plain_qemu(work: &Path, kvm: bool, cpus: u8, memory_mib: u64) -> Child {
     let f = std::fs::File::create(&disk).unwrap();
     f.set_len(64 << 30).unwrap();
     let console = work.join("plain-console.log");
-    let accel = if kvm {
-        ["-accel", "kvm", "-cpu", "host"]
-    } else {
-        ["-accel", "tcg,thread=single,tb-size=256", "-cpu", "max"]
-    };
-    // The kernel options the qemu driver adds under TCG (the TSC trusted,
-    // RDRAND seeding the random generator, hence no virtio-rng either).
-    let extra = if kvm {
-        String::new()
-    } else {
-        let khz = berth_hypervisor::tsc::host_tsc_khz(Duration::from_millis(100)).unwrap_or(0);
-        format!(" tsc=reliable tsc_early_khz={khz} random.trust_cpu=on")
-    };
+    // The accelerator and kernel options the qemu driver uses.
+    let accel = if kvm { Accel::Kvm } else { Accel::Tcg };
+    let rng = !guest_has_rdrand(accel);
+    let extra = kernel_options(accel, rng);
     let mem = format!("{memory_mib}M");
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
@@ -117,7 +109,7 @@ fn plain_qemu(work: &Path, kvm: bool, cpus: u8, memory_mib: u64) -> Child {
         "-global",
         "virtio-mmio.force-legacy=false",
     ])
-    .args(accel)
+    .args(accel_args(accel))
     .args(["-smp", &cpus.to_string(), "-m", &mem])
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
@@ -140,6 +132,9 @@ fn plain_qemu(work: &Path, kvm: bool, cpus: u8, memory_mib: u64) -> Child {
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
+    if rng {
+        cmd.args(["-device", "virtio-rng-device"]);
+    }
     let child = cmd.spawn().expect("qemu-system-x86_64");
     let t0 = Instant::now();
     loop {

@@ -10,6 +10,8 @@
 mod qemu;
 pub mod vmm;
 
+pub use qemu::{accel_args, guest_has_rdrand, kernel_options};
+
 use std::fmt;
 
 use berth_hypervisor::Hypervisor;

@@ -12,12 +12,51 @@ const MICROVM_TRANSPORTS: usize = 8;
 /// Whether the guest's CPU has RDRAND: TCG's `max` CPU always does, KVM
 /// passes the host's through. The guest kernel then seeds its random
 /// generator from it at once, and no virtio-rng transport is needed.
-fn guest_has_rdrand(accel: Accel) -> bool {
+pub fn guest_has_rdrand(accel: Accel) -> bool {
     match accel {
         Accel::Tcg => true,
         Accel::Kvm => std::fs::read_to_string("/proc/cpuinfo")
             .is_ok_and(|c| c.split_whitespace().any(|w| w == "rdrand")),
     }
+}
+
+/// QEMU's `-accel` and `-cpu` arguments.
+pub fn accel_args(accel: Accel) -> [&'static str; 4] {
+    match accel {
+        Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+        // Single-threaded TCG was the reliable setting in our trials. The
+        // translation cache is capped at 256 MiB: QEMU's default (1 GiB)
+        // fills as new guest processes run and is never given back, so
+        // the VM's resident memory would grow by up to 1 GiB of cache.
+        Accel::Tcg => ["-accel", "tcg,thread=single,tb-size=256", "-cpu", "max"],
+    }
+}
+
+/// The kernel options the driver adds to the guest's command line (each
+/// with a leading space). Blocks for 100 ms under TCG (the host's TSC is
+/// measured).
+pub fn kernel_options(accel: Accel, rng: bool) -> String {
+    let mut opts = String::new();
+    // Under TCG the guest's TSC counts at the host's rate (stopped while
+    // the VM is paused), but the guest cannot calibrate it (no HPET or PM
+    // timer on microvm, and its PIT calibration fails whenever the
+    // emulated vCPU is slow) nor trusts it across vCPUs, and falls back to
+    // counting timer ticks, which loses 0.1–0.5 s a minute here. Given
+    // the host's TSC frequency and told to trust it, it keeps time on the
+    // TSC, within milliseconds.
+    if accel == Accel::Tcg {
+        opts.push_str(" tsc=reliable");
+        if let Some(k) = berth_hypervisor::tsc::host_tsc_khz(std::time::Duration::from_millis(100))
+        {
+            opts.push_str(&format!(" tsc_early_khz={k}"));
+        }
+    }
+    if !rng {
+        // RDRAND seeds the kernel's generator at once (TCG's comes from
+        // the host's getrandom; KVM's is the host CPU's own).
+        opts.push_str(" random.trust_cpu=on");
+    }
+    opts
 }
 
 /// The virtio devices a VM with `shares` folders needs, if they fit.
@@ -137,41 +176,11 @@ pub(super) async fn launch(spec: &MachineSpec, accel: Accel) -> Result<Machine, 
     if rng {
         cmd.args(["-device", "virtio-rng-device"]);
     }
-    match accel {
-        Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
-        // Single-threaded TCG was the reliable setting in our trials. The
-        // translation cache is capped at 256 MiB: QEMU's default (1 GiB)
-        // fills as new guest processes run and is never given back, so
-        // the VM's resident memory would grow by up to 1 GiB of cache.
-        Accel::Tcg => cmd.args(["-accel", "tcg,thread=single,tb-size=256", "-cpu", "max"]),
-    };
-    // Under TCG the guest's TSC counts at the host's rate (stopped while
-    // the VM is paused), but the guest cannot calibrate it (no HPET or PM
-    // timer on microvm, and its PIT calibration fails whenever the
-    // emulated vCPU is slow) nor trusts it across vCPUs, and falls back to
-    // counting timer ticks, which loses 0.1–0.5 s a minute here. Given
-    // the host's TSC frequency and told to trust it, it keeps time on the
-    // TSC, within milliseconds.
-    let mut cmdline = match accel {
-        Accel::Tcg => {
-            let khz = tokio::task::spawn_blocking(|| {
-                berth_hypervisor::tsc::host_tsc_khz(std::time::Duration::from_millis(100))
-            })
-            .await
-            .ok()
-            .flatten();
-            match khz {
-                Some(k) => format!("{} tsc=reliable tsc_early_khz={k}", spec.cmdline()),
-                None => format!("{} tsc=reliable", spec.cmdline()),
-            }
-        }
-        Accel::Kvm => spec.cmdline(),
-    };
-    if !rng {
-        // RDRAND seeds the kernel's generator at once (TCG's comes from
-        // the host's getrandom; KVM's is the host CPU's own).
-        cmdline.push_str(" random.trust_cpu=on");
-    }
+    cmd.args(accel_args(accel));
+    let extra = tokio::task::spawn_blocking(move || kernel_options(accel, rng))
+        .await
+        .unwrap_or_default();
+    let cmdline = format!("{}{extra}", spec.cmdline());
     cmd.arg("-smp")
         .arg(spec.cpus.to_string())
         .arg("-m")

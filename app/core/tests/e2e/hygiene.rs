@@ -383,7 +383,9 @@ fn disk_shrinks(ctx: &Ctx) {
 }
 
 /// A shell in the guest answering each line with its clock, for readings
-/// that do not depend on the clock keeper's own code path.
+/// that do not depend on the clock keeper's own code path. bash's
+/// `EPOCHREALTIME` reads the clock without starting a process (a `date`
+/// per reading cost tens of ms under TCG, most of the error bound).
 struct GuestClock {
     rt: tokio::runtime::Runtime,
     stream: tokio::net::UnixStream,
@@ -402,9 +404,9 @@ impl GuestClock {
                 .expect("guest agent");
             c.exec(ExecRequest {
                 argv: vec![
-                    "sh".into(),
+                    "bash".into(),
                     "-c".into(),
-                    "while read x; do date +%s%N; done".into(),
+                    "while read x; do echo \"${EPOCHREALTIME/./}\"; done".into(),
                 ],
                 env: Vec::new(),
                 cwd: None,
@@ -436,8 +438,9 @@ impl GuestClock {
             let text = String::from_utf8_lossy(&line);
             let g: i128 = text
                 .trim()
-                .parse()
-                .map_err(|_| format!("date +%s%N printed {text:?}"))?;
+                .parse::<i128>()
+                .map_err(|_| format!("EPOCHREALTIME read {text:?}"))?
+                * 1000;
             let mid = (t0 + t1) / 2;
             Ok(((g - mid) as f64 / 1e6, (t1 - t0) as f64 / 1e6))
         })
@@ -528,11 +531,23 @@ fn clock_holds(ctx: &Ctx) {
     let (now, rtt) = probe.read(5);
     let v = SINCE_START.lock().unwrap().clone();
     let span = v.last().map_or(0.0, |x| x.0);
-    let worst = v.iter().map(|x| x.1.abs()).fold(now.abs(), f64::max);
+    let mut all = v.clone();
+    all.push((span, now, rtt));
+    // Each reading is good to half its round trip: the guest read its
+    // clock somewhere between sending and receiving.
+    let worst = all
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .unwrap();
+    let least_possible = |r: &(f64, f64, f64)| (r.1.abs() - r.2 / 2.0).max(0.0);
+    let max_rtt = all.iter().map(|r| r.2).fold(0.0, f64::max);
     println!(
-        "      figure: guest clock over {:.1} min of the suite without pauses: {} readings, worst offset {worst:.1} ms, now {now:+.1} ms (±{:.1} ms)",
+        "      figure: guest clock over {:.1} min of the suite without pauses: {} readings, worst offset {:+.1} ms (±{:.1}), now {now:+.1} ms (±{:.1}); longest round trip of a kept reading {max_rtt:.1} ms",
         span / 60.0,
-        v.len() + 1,
+        all.len(),
+        worst.1,
+        worst.2 / 2.0,
         rtt / 2.0
     );
     if span < 600.0 {
@@ -541,9 +556,10 @@ fn clock_holds(ctx: &Ctx) {
             span / 60.0
         );
     }
+    let off: Vec<_> = all.iter().filter(|r| least_possible(r) >= 50.0).collect();
     assert!(
-        worst < 50.0,
-        "the guest clock was {worst:.1} ms off without any pause: {v:?}"
+        off.is_empty(),
+        "the guest clock was 50 ms or more off without any pause (seconds since the start, offset ms, round trip ms): {off:?} of {all:?}"
     );
     let s = ctx.status();
     assert!(
@@ -570,6 +586,8 @@ fn clock_after_pause(ctx: &Ctx) {
     }
     let mut probe = GuestClock::open(ctx);
     let (before, _) = probe.read(3);
+    let corrections = |s: &serde_json::Value| s["clock"]["corrections"].as_u64().unwrap_or(0);
+    let made_before = corrections(&ctx.status());
     monitor(ctx, "stop");
     std::thread::sleep(Duration::from_secs(20));
     monitor(ctx, "cont");
@@ -582,7 +600,16 @@ fn clock_after_pause(ctx: &Ctx) {
         first.get_or_insert(o);
         readings.push((at.as_secs_f64(), o, rtt));
         if o.abs() <= 100.0 {
-            let found = ctx.status()["clock"]["last_correction"]["offset_ms"]
+            // The keeper reads the clock again after a step before it
+            // updates its status: wait for that (the guest's clock can be
+            // right before the status says so).
+            let mut s = ctx.status();
+            let waited = Instant::now();
+            while corrections(&s) == made_before && waited.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(50));
+                s = ctx.status();
+            }
+            let found = s["clock"]["last_correction"]["offset_ms"]
                 .as_f64()
                 .unwrap_or(f64::NAN);
             println!(
