@@ -104,6 +104,7 @@ async fn agent() {
 
 async fn boot(shared: Arc<Shared>) -> anyhow::Result<()> {
     init::mount_early().context("mounting kernel filesystems")?;
+    init::tune_page_reporting();
     // Ctrl-alt-del becomes SIGINT to PID 1 instead of an instant reboot.
     nix::sys::reboot::set_cad_enabled(false).context("disabling ctrl-alt-del reboot")?;
     let reaper = Reaper::start().context("starting the child reaper")?;
