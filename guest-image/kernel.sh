@@ -11,7 +11,8 @@ ensure_packages linux-source build-essential bc flex bison libelf-dev libssl-dev
 SRC_TAR=$(ls /usr/src/linux-source-*.tar.xz 2>/dev/null | sort -V | tail -n1)
 [ -n "$SRC_TAR" ] || die "linux-source is installed but /usr/src has no linux-source-*.tar.xz"
 SRC_VER=$(dpkg-query -W -f='${Version}' "$(dpkg-query -S "$SRC_TAR" | cut -d: -f1)")
-# BERTH_KERNEL_VARIANT=pvm-test adds kernel/pvm-test/{fragment,*.patch};
+# BERTH_KERNEL_VARIANT=pvm-test builds kernel/pvm-test/fragment (instead of
+# x86_64.fragment) with kernel/pvm-test/*.patch;
 # the guest's own kernel (no variant) gets kernel/main/*.patch.
 VARIANT=${BERTH_KERNEL_VARIANT:-}
 FRAGMENTS=("$GI_DIR/kernel/x86_64.fragment")
@@ -21,7 +22,8 @@ if [ -z "$VARIANT" ]; then
 fi
 if [ -n "$VARIANT" ]; then
     [ -f "$GI_DIR/kernel/$VARIANT/fragment" ] || die "no kernel variant '$VARIANT' in $GI_DIR/kernel"
-    FRAGMENTS+=("$GI_DIR/kernel/$VARIANT/fragment")
+    # A variant's fragment stands alone (it says why in its header).
+    FRAGMENTS=("$GI_DIR/kernel/$VARIANT/fragment")
     PATCHES="$PATCHES $(ls "$GI_DIR/kernel/$VARIANT"/*.patch 2>/dev/null || true)"
 fi
 KEY=$(inputs_key "$SRC_VER" "${FRAGMENTS[@]}" $PATCHES "$0")

@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-say() { printf '\n==> %s\n' "$*"; }
+say() { printf '\n==> [%s, %d s in] %s\n' "$(date +%T)" "$SECONDS" "$*"; }
 
 # Debian packages the build and the tests need (idempotent).
 ensure_host_packages() {
