@@ -2,6 +2,7 @@
 # shellcheck shell=bash
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
+die() { printf '\n==> error: %s\n' "$*" >&2; exit 1; }
 say() { printf '\n==> [%s, %d s in] %s\n' "$(date +%T)" "$SECONDS" "$*"; }
 
 # Debian packages the build and the tests need (idempotent).
