@@ -487,11 +487,29 @@ pub fn parse_df(v: &serde_json::Value) -> DiskUse {
 
 /// Docker's disk use, through the forwarded socket (bollard's model only
 /// knows the newest shape of this answer).
+///
+/// dockerd runs one `system df` at a time and refuses a second while the
+/// first is under way ("a disk usage operation is already running"): two
+/// views asking at once (the volume list and the engine view, say) got an
+/// error and showed no sizes until the next change. Such a refusal is
+/// retried for up to 30 s.
 pub async fn disk_use(docker_sock: &std::path::Path) -> Result<DiskUse, DockerError> {
-    let (status, v) =
-        crate::http::request_json(docker_sock, hyper::Method::GET, "/system/df", None)
-            .await
-            .map_err(|_| DockerError::EngineStopped)?;
+    let mut tries = 0u32;
+    let (status, v) = loop {
+        let (status, v) =
+            crate::http::request_json(docker_sock, hyper::Method::GET, "/system/df", None)
+                .await
+                .map_err(|_| DockerError::EngineStopped)?;
+        let busy = !status.is_success()
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("already running"));
+        if !busy || tries >= 100 {
+            break (status, v);
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
     if !status.is_success() {
         return Err(DockerError::Api(format!(
             "system df: {}",
